@@ -1,0 +1,1 @@
+"""Baseline policies (3D Diffuser Actor and its non-invasive variant)."""

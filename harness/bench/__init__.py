@@ -1,0 +1,1 @@
+"""Benchmarks (``mdh bench ...``): warm-up excluded, medians reported, never run as unit tests."""

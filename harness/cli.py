@@ -1,0 +1,133 @@
+"""The ``mdh`` command: ``mdh data|train|sweep|report|bench|eval ...``. ``mdh --help`` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from harness.data.errors import DataError
+
+NOT_BUILT = {
+    "train": "Level-2 training runs",
+    "sweep": "Hydra + Submitit sweeps",
+    "report": "tables and figures from run records",
+    "eval": "offline and closed-loop evaluation",
+}
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="generate, inspect and convert keystep datasets")
+    dsub = p.add_subparsers(dest="data_cmd", metavar="{metaworld,inspect}")
+    dsub.required = True
+
+    mw = dsub.add_parser("metaworld", help="generate the embedded Meta-World suite (CPU, minutes)")
+    mw.add_argument("--tasks", default="mt10", help="'mt10' or comma-separated task names (default mt10)")
+    mw.add_argument("--episodes", type=int, default=20, help="training episodes per task (default 20)")
+    mw.add_argument("--val-episodes", type=int, default=None, help="default max(1, episodes // 5)")
+    mw.add_argument("--test-episodes", type=int, default=None, help="default max(1, episodes // 5)")
+    mw.add_argument("--image-size", type=int, default=128, help="square render size in pixels")
+    mw.add_argument("--seed", type=int, default=0)
+    mw.add_argument("--encoder", default="hash", help="instruction text encoder: hash | clip")
+    mw.add_argument("--stride", type=int, default=None, help="fixed keypose stride (default: generator's)")
+    mw.add_argument("--out", default="data/metaworld", help="output folder (default data/metaworld)")
+    mw.add_argument("--no-progress", action="store_true")
+
+    ins = dsub.add_parser("inspect", help="summarise a dataset folder")
+    ins.add_argument("path")
+    ins.add_argument("--split", default="train")
+    ins.add_argument("--kind", default="voxel1cm", choices=["voxel1cm", "keysteps"])
+    ins.add_argument("--format", default=None, help="force a format (default: detect)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--render", metavar="OUT.png", default=None, help="draw one keystep's point cloud")
+    ins.add_argument("--taskvar", default=None, help="with --render: which task+variation")
+    ins.add_argument("--episode", default=None, help="with --render: which episode key")
+    ins.add_argument("--keystep", type=int, default=0, help="with --render: which keystep")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: data loading, training steps")
+    bsub = p.add_subparsers(dest="bench_cmd", metavar="{data}")
+    bsub.required = True
+    d = bsub.add_parser("data", help="loader throughput in keysteps/s")
+    d.add_argument("path")
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--workers", type=int, default=None, help="DataLoader workers (default min(4, cpus))")
+    d.add_argument("--num-points", type=int, default=4000)
+    d.add_argument("--batches", type=int, default=30)
+    d.add_argument("--split", default="train")
+    d.add_argument("--kind", default="voxel1cm", choices=["voxel1cm", "keysteps"])
+    d.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdh", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", metavar="{data,train,sweep,report,bench,eval}")
+    sub.required = True
+    _add_data(sub)
+    for name, what in NOT_BUILT.items():
+        p = sub.add_parser(name, help=f"{what} (not built yet)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    _add_bench(sub)
+    return parser
+
+
+def _data(args) -> int:
+    if args.data_cmd == "metaworld":
+        from harness.data.metaworld.generate import generate_suite, print_summary
+
+        summary = generate_suite(args.out, tasks=args.tasks, episodes=args.episodes,
+                                 val_episodes=args.val_episodes, test_episodes=args.test_episodes,
+                                 image_size=args.image_size, seed=args.seed, encoder=args.encoder,
+                                 stride=args.stride, progress=not args.no_progress)
+        print_summary(summary)
+        return 0
+    if args.data_cmd == "inspect":
+        from harness.data.inspect import format_summary, inspect_dataset, render_keystep
+
+        s = inspect_dataset(args.path, split=args.split, kind=args.kind, fmt=args.format)
+        print(json.dumps(s) if args.json else format_summary(s))
+        if args.render:
+            out = render_keystep(args.path, args.render, split=args.split, kind=args.kind, fmt=args.format,
+                                 taskvar=args.taskvar, episode=args.episode, t=args.keystep)
+            print(f"wrote {out}", file=sys.stderr)
+        return 0
+    raise AssertionError(args.data_cmd)
+
+
+def _bench(args) -> int:
+    if args.bench_cmd == "data":
+        from harness.bench.data import bench_data
+
+        r = bench_data(args.path, batch_size=args.batch_size, workers=args.workers, num_points=args.num_points,
+                       batches=args.batches, split=args.split, kind=args.kind)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['keysteps_per_s_median']:.1f} keysteps/s (median of {r['passes']} passes of "
+                  f"{r['batches_per_pass']} batches; batch {r['batch_size']}, {r['workers']} workers, "
+                  f"{r['num_points']} points; dataset {r['keysteps']} keysteps)")
+        return 0
+    raise AssertionError(args.bench_cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd in NOT_BUILT:
+        print(f"mdh {args.cmd}: not built yet ({NOT_BUILT[args.cmd]} arrive with a later issue)",
+              file=sys.stderr)
+        return 2
+    try:
+        return _data(args) if args.cmd == "data" else _bench(args)
+    except DataError as e:
+        print(f"mdh {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

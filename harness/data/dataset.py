@@ -1,0 +1,157 @@
+"""A map-style dataset of keysteps from any registered source, with instructions and their embeddings.
+
+Index: (taskvar, episode key, t) for t = 0 .. T-2 of every episode (observation t, target t+1), built once
+at start-up by reading every episode (as the official code does). Bad episodes raise ``DataError`` unless
+``skip_bad`` is set, in which case they are skipped and counted in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from harness.data.episode import Episode
+from harness.data.errors import DataError
+from harness.data.formats import open_source, parse_taskvar
+from harness.data.formats.instructions import (find_instruction_files, read_instr_embeds,
+                                               read_taskvar_instructions)
+from harness.data.meta import DatasetMeta, resolve_meta
+from harness.data.transforms import KeystepTransform, TransformConfig
+
+log = logging.getLogger(__name__)
+
+
+class KeystepDataset(Dataset):
+    """Keysteps of the dataset at ``path``.
+
+    ``split``/``kind`` select ``<path>/<split>/<kind>`` for datasets written by ``mdh data metaworld``.
+    ``instructions``/``embeds``: the task-variation -> instructions JSON and the instruction embedding
+    file; by default found beside the data (in the folder or up to 3 parents). ``require_text``: a keystep
+    whose instruction has no embedding raises ``DataError`` (else it gets no tokens).
+    ``transform``: a ``TransformConfig`` (None: raw ``Keystep`` objects are returned).
+    Items are deterministic given (``seed``, epoch set by ``set_epoch``, index).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", kind: str = "voxel1cm",
+                 fmt: str | None = None, meta: DatasetMeta | None = None, meta_preset: str | None = None,
+                 instructions: str | os.PathLike | None = None, embeds: str | os.PathLike | None = None,
+                 transform: TransformConfig | None = None, taskvars: list[str] | None = None,
+                 n_hist: int = 1, require_text: bool = True, skip_bad: bool = False, seed: int = 0,
+                 cache_episodes: int = 2):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError("data folder does not exist", self.path)
+        if fmt in (None, "lotus_lmdb"):
+            from harness.data.formats.lotus_lmdb import LotusLmdbSource
+
+            self.source = (LotusLmdbSource(self.path, split=split, kind=kind)
+                           if fmt == "lotus_lmdb" or LotusLmdbSource.detect(self.path)
+                           else open_source(self.path))
+        else:
+            self.source = open_source(self.path, fmt)
+        if meta is not None:
+            self.meta, self.meta_source = meta, "argument"
+        else:
+            self.meta, self.meta_source = resolve_meta(getattr(self.source, "path", self.path), meta_preset)
+        self.n_hist = n_hist
+        self.seed = seed
+        self.epoch = 0
+        self.skip_bad = skip_bad
+        self.require_text = require_text
+        self.transform = KeystepTransform(self.meta, transform) if transform is not None else None
+        self._load_text(instructions, embeds)
+        self.skipped: Counter = Counter()
+        self.index: list[tuple[str, str, int]] = []
+        self._episodes: dict[tuple[str, str], Episode] = {}
+        self._cache_size = cache_episodes
+        wanted = self.source.taskvars()
+        if taskvars is not None:
+            unknown = sorted(set(taskvars) - set(wanted))
+            if unknown:
+                raise DataError(f"task-variations {unknown} not in the dataset; available: {wanted}", self.path)
+            wanted = [tv for tv in wanted if tv in set(taskvars)]
+        for tv in wanted:
+            for key in self.source.episode_keys(tv):
+                try:
+                    ep = self.source.read_episode(tv, key)
+                    for t in range(ep.num_keysteps):
+                        self._instruction_for(tv, key, t, None)  # fail now, not mid-training
+                except DataError as e:
+                    if not skip_bad:
+                        raise
+                    self.skipped[f"{type(e).__name__}: {e.problem}"] += 1
+                    log.warning("skipping bad episode %s/%s: %s", tv, key, e)
+                    continue
+                self.index.extend((tv, key, t) for t in range(ep.num_keysteps))
+        if self.skipped:
+            log.warning("skipped %d bad episodes (--skip-bad): %s", sum(self.skipped.values()),
+                        dict(self.skipped))
+
+    # ------------------------------------------------------------------------------------ text
+    def _load_text(self, instructions, embeds) -> None:
+        found = find_instruction_files(getattr(self.source, "path", self.path))
+        self.instructions_path = Path(instructions) if instructions else found.get("instructions")
+        self.embeds_path = Path(embeds) if embeds else found.get("embeds")
+        self.taskvar_instructions = (read_taskvar_instructions(self.instructions_path)
+                                     if self.instructions_path else {})
+        self.embeds = read_instr_embeds(self.embeds_path) if self.embeds_path else {}
+
+    def instructions_for(self, taskvar: str) -> list[str]:
+        """Paraphrases of a task-variation: the instructions file, the source's own, or the task name."""
+        if taskvar in self.taskvar_instructions:
+            return self.taskvar_instructions[taskvar]
+        if hasattr(self.source, "instructions"):
+            return self.source.instructions(taskvar)
+        task, _ = parse_taskvar(taskvar)
+        return [task.replace("_", " ").replace("-", " ")]
+
+    def _instruction_for(self, taskvar: str, key: str, t: int, rng: np.random.Generator | None):
+        options = self.instructions_for(taskvar)
+        text = options[int(rng.integers(len(options)))] if rng is not None else options[0]
+        if not self.require_text:
+            return text, self.embeds.get(text)
+        if rng is None:  # validation pass: every paraphrase must have an embedding
+            missing = [o for o in options if o not in self.embeds]
+            if missing:
+                raise DataError(f"instruction {missing[0]!r} of {taskvar} has no embedding "
+                                f"({len(self.embeds)} embeddings loaded)", self.embeds_path, missing[0])
+        return text, self.embeds[text]
+
+    # --------------------------------------------------------------------------------- items
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def episode(self, taskvar: str, key: str) -> Episode:
+        k = (taskvar, key)
+        ep = self._episodes.get(k)
+        if ep is None:
+            ep = self.source.read_episode(taskvar, key)
+            if len(self._episodes) >= self._cache_size:
+                self._episodes.pop(next(iter(self._episodes)))
+            self._episodes[k] = ep
+        return ep
+
+    def __getitem__(self, i: int):
+        tv, key, t = self.index[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        train = self.transform is not None and self.transform.cfg.train
+        text, tokens = self._instruction_for(tv, key, t, rng if train else None)
+        ks = self.episode(tv, key).keystep(t, n_hist=self.n_hist, instruction=text, text_tokens=tokens)
+        if self.transform is None:
+            return ks
+        return self.transform(ks, rng)
+
+    def summary(self) -> dict:
+        tasks = sorted({parse_taskvar(tv)[0] for tv, _, _ in self.index})
+        return {"path": str(self.path), "keysteps": len(self.index), "tasks": tasks,
+                "taskvars": sorted({tv for tv, _, _ in self.index}),
+                "episodes": len({(tv, k) for tv, k, _ in self.index}),
+                "skipped": dict(self.skipped), "meta": self.meta_source}

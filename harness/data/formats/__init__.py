@@ -1,0 +1,70 @@
+"""Registered episode sources. Each reads one on-disk format into ``Episode`` objects.
+
+A source is a class with:
+- ``name`` (str) and ``detect(path) -> bool`` (classmethod: does this folder hold this format?);
+- ``__init__(path)``; ``taskvars() -> list[str]`` ("task+variation");
+- ``episode_keys(taskvar) -> list[str]``; ``read_episode(taskvar, key) -> Episode``.
+``open_source(path, fmt=None)`` picks the source by name or by detection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from harness.data.errors import DataError
+
+_SOURCES: dict[str, type] = {}
+
+
+def register_source(cls: type) -> type:
+    """Class decorator: make a source findable by ``cls.name``."""
+    _SOURCES[cls.name] = cls
+    return cls
+
+
+def source_names() -> list[str]:
+    _load_builtin()
+    return sorted(_SOURCES)
+
+
+def get_source(name: str) -> type:
+    _load_builtin()
+    if name not in _SOURCES:
+        raise DataError(f"unknown data format {name!r}; choices: {sorted(_SOURCES)}")
+    return _SOURCES[name]
+
+
+def open_source(path: str | os.PathLike, fmt: str | None = None):
+    """Open the episode source at ``path``: by format name, or the first registered format that detects."""
+    _load_builtin()
+    path = Path(path)
+    if not path.exists():
+        raise DataError("data folder does not exist", path)
+    if fmt is not None:
+        return get_source(fmt)(path)
+    for name in sorted(_SOURCES):
+        if _SOURCES[name].detect(path):
+            return _SOURCES[name](path)
+    raise DataError(f"no registered format recognises this folder; formats: {sorted(_SOURCES)} "
+                    "(point at a folder of <task>+<var> LMDBs, a raw RLBench task folder, "
+                    "or the root of a dataset written by `mdh data metaworld`)", path)
+
+
+def natural_key(s: str) -> list:
+    """Sort key that orders episode2 before episode10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def parse_taskvar(taskvar: str, path: object = None) -> tuple[str, int]:
+    """'close_jar+3' -> ('close_jar', 3); also accepts the GemBench 'close_jar_peract+3'."""
+    task, sep, var = taskvar.rpartition("+")
+    if not sep or not var.isdigit() or not task:
+        raise DataError(f"task-variation name {taskvar!r} is not of the form '<task>+<variation>'", path)
+    return task, int(var)
+
+
+def _load_builtin() -> None:
+    # Import for the side effect of registration; kept lazy so `import harness.data` stays cheap.
+    from harness.data.formats import lotus_lmdb, rlbench_raw  # noqa: F401

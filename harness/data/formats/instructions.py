@@ -1,0 +1,105 @@
+"""3D-LOTUS instruction files (../shared/reference/minidiffuser.md §3.2, §3.4).
+
+- taskvars JSON: a list of "task+var" strings.
+- task-variation -> instructions JSON: {"task+var": ["paraphrase", ...]}.
+- ``instr_embeds_<encoder>.npy``: a pickled dict {instruction string: (n_tokens, D) float32}, saved with
+  ``np.save`` (load with ``np.load(path, allow_pickle=True).item()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from harness.data.errors import DataError
+from harness.data.meta import write_json_atomic
+
+
+def write_taskvars(path: str | os.PathLike, taskvars: list[str]) -> None:
+    write_json_atomic(Path(path), list(taskvars))
+
+
+def read_taskvars(path: str | os.PathLike) -> list[str]:
+    value = _read_json(path)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError("taskvars file must hold a JSON list of 'task+var' strings", path)
+    return value
+
+
+def write_taskvar_instructions(path: str | os.PathLike, instructions: dict[str, list[str]]) -> None:
+    write_json_atomic(Path(path), {k: list(v) for k, v in instructions.items()})
+
+
+def read_taskvar_instructions(path: str | os.PathLike) -> dict[str, list[str]]:
+    value = _read_json(path)
+    if not isinstance(value, dict):
+        raise DataError("task-variation instructions file must hold a JSON object", path)
+    for k, v in value.items():
+        if not isinstance(v, list) or not v or not all(isinstance(s, str) for s in v):
+            raise DataError("expected a non-empty list of instruction strings", path, k)
+    return value
+
+
+def write_instr_embeds(path: str | os.PathLike, embeds: dict[str, np.ndarray]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, {k: np.asarray(v, dtype=np.float32) for k, v in embeds.items()}, allow_pickle=True)
+    os.replace(tmp, path)
+
+
+def read_instr_embeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        value = np.load(path, allow_pickle=True)
+    except FileNotFoundError:
+        raise DataError("instruction embedding file not found", path) from None
+    except Exception as e:
+        raise DataError(f"cannot load instruction embeddings ({type(e).__name__}: {e})", path) from None
+    value = value.item() if value.dtype == object and value.shape == () else value
+    if not isinstance(value, dict):
+        raise DataError("instruction embeddings must be a pickled dict {instruction: (L, D) array}", path)
+    out = {}
+    for k, v in value.items():
+        v = np.asarray(v, dtype=np.float32)
+        if v.ndim != 2:
+            raise DataError(f"embedding has shape {v.shape}, expected (n_tokens, D)", path, k)
+        if not np.all(np.isfinite(v)):
+            raise DataError("embedding contains NaN or inf", path, k)
+        out[k] = v
+    return out
+
+
+def find_instruction_files(path: str | os.PathLike, max_up: int = 3) -> dict[str, Path]:
+    """Look in ``path`` and its parents for the instruction files a dataset folder usually sits beside.
+
+    Returns a dict with keys among "instructions" (taskvars_instructions*.json) and "embeds"
+    (instr_embeds_*.npy); the nearest folder wins.
+    """
+    found: dict[str, Path] = {}
+    p = Path(path).resolve()
+    for _ in range(max_up + 1):
+        if "instructions" not in found:
+            cands = sorted(p.glob("taskvars_instructions*.json"))
+            if cands:
+                found["instructions"] = cands[0]
+        if "embeds" not in found:
+            cands = sorted(p.glob("instr_embeds_*.npy"))
+            if cands:
+                found["embeds"] = cands[0]
+        if p.parent == p:
+            break
+        p = p.parent
+    return found
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e}", path) from None

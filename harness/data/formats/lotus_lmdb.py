@@ -1,0 +1,326 @@
+"""The 3D-LOTUS LMDB formats that the official Mini-Diffuser trains on (../shared/reference/minidiffuser.md §3).
+
+One LMDB per ``<task>+<variation>``; keys ``episode<k>`` (ASCII); values msgpack with msgpack_numpy arrays,
+encoded exactly as ``msgpack_numpy.patch(); msgpack.packb(value)`` in the original code, so either side can
+read what the other wrote.
+
+- "keysteps": ``rgb`` (T, n_cam, H, W, 3) uint8, ``pc`` (T, n_cam, H, W, 3) float32 world xyz, ``action``
+  (T, 8) float32 [xyz, quat xyzw, open], ``key_frameids`` (list of T ints); optional ``depth``
+  (T, n_cam, H, W), ``mask`` (T, n_cam, H, W), ``bbox_info`` / ``pose_info`` (dict name -> (T, 6)/(T, 7)).
+- "voxel1cm": ``xyz`` list of T (N_t, 3) float32, ``rgb`` list of T (N_t, 3) uint8, optional ``sem`` list
+  of T (N_t,), plus ``action``, ``key_frameids``, ``bbox_info``, ``pose_info``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import lmdb
+import msgpack
+import msgpack_numpy
+import numpy as np
+
+from harness.data.episode import Episode
+from harness.data.errors import DataError
+from harness.data.formats import natural_key, parse_taskvar, register_source
+from harness.data.meta import DatasetMeta
+
+KEYSTEPS = "keysteps"
+VOXEL = "voxel1cm"
+_DEFAULT_MAP_SIZE = 1 << 30  # grows on demand (see LmdbWriter.put)
+
+
+def pack(value: dict) -> bytes:
+    """Encode one episode value the way the 3D-LOTUS scripts do."""
+    return msgpack.packb(value, default=msgpack_numpy.encode, use_bin_type=True)
+
+
+def unpack(data: bytes, path: object = None, key: object = None) -> dict:
+    """Decode one episode value; a corrupt record raises DataError naming the LMDB and key."""
+    try:
+        value = msgpack.unpackb(data, object_hook=msgpack_numpy.decode, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types for corrupt input
+        raise DataError(f"cannot decode msgpack value ({type(e).__name__}: {e})", path, key) from None
+    if not isinstance(value, dict):
+        raise DataError(f"episode value is a {type(value).__name__}, expected a dict", path, key)
+    return value
+
+
+class LmdbWriter:
+    """Write episode values into one LMDB (one ``<task>+<variation>``). Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, map_size: int = _DEFAULT_MAP_SIZE):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True)
+
+    def put(self, key: str, value: dict) -> None:
+        data = pack(value)
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.put(key.encode("ascii"), data)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def close(self) -> None:
+        self.env.sync()
+        self.env.close()
+
+    def __enter__(self) -> LmdbWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_lmdb(path: str | os.PathLike) -> dict[str, dict]:
+    """All decoded values of one LMDB, keyed by episode name (for tests and small data)."""
+    with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+        return {k.decode("ascii"): unpack(v, path, k.decode("ascii")) for k, v in txn.cursor()}
+
+
+def _check_finite(arr: np.ndarray, what: str, path, key) -> None:
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+        raise DataError(f"{what} contains NaN or inf (first at index {bad})", path, key)
+
+
+def _check_action(action, T: int | None, path, key) -> np.ndarray:
+    action = np.asarray(action)
+    if action.ndim != 2 or action.shape[1] != 8:
+        raise DataError(f"'action' has shape {action.shape}, expected (T, 8) [xyz, quat xyzw, open]", path, key)
+    if T is not None and action.shape[0] != T:
+        raise DataError(f"inconsistent lengths: 'action' has T={action.shape[0]} but 'rgb'/'xyz' has T={T}",
+                        path, key)
+    _check_finite(action, "'action'", path, key)
+    return action.astype(np.float32)
+
+
+def _check_frameids(ids, T: int, path, key) -> list[int]:
+    ids = [int(i) for i in ids]
+    if len(ids) != T:
+        raise DataError(f"inconsistent lengths: 'key_frameids' has {len(ids)} entries, expected T={T}", path, key)
+    return ids
+
+
+def keysteps_value(rgb, pc, action, key_frameids, depth=None, mask=None, bbox_info=None, pose_info=None,
+                   path=None, key=None) -> dict:
+    """Validate and assemble a "keysteps" value (shapes in the module docstring)."""
+    rgb = np.asarray(rgb)
+    pc = np.asarray(pc)
+    if rgb.ndim != 5 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise DataError(f"'rgb' has shape {rgb.shape} dtype {rgb.dtype}, expected (T, n_cam, H, W, 3) uint8",
+                        path, key)
+    if pc.shape != rgb.shape:
+        raise DataError(f"'pc' has shape {pc.shape}, expected the shape of 'rgb' {rgb.shape}", path, key)
+    _check_finite(pc, "'pc'", path, key)
+    T = rgb.shape[0]
+    value = {"rgb": rgb, "pc": pc.astype(np.float32), "action": _check_action(action, T, path, key),
+             "key_frameids": _check_frameids(key_frameids, T, path, key)}
+    if depth is not None:
+        depth = np.asarray(depth, dtype=np.float32)
+        if depth.shape != rgb.shape[:-1]:
+            raise DataError(f"'depth' has shape {depth.shape}, expected {rgb.shape[:-1]}", path, key)
+        value["depth"] = depth
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != rgb.shape[:-1]:
+            raise DataError(f"'mask' has shape {mask.shape}, expected {rgb.shape[:-1]}", path, key)
+        value["mask"] = mask
+    if bbox_info is not None:
+        value["bbox_info"] = {k: np.asarray(v, dtype=np.float32) for k, v in bbox_info.items()}
+    if pose_info is not None:
+        value["pose_info"] = {k: np.asarray(v, dtype=np.float32) for k, v in pose_info.items()}
+    return value
+
+
+def voxel_value(xyz, rgb, action, key_frameids, sem=None, bbox_info=None, pose_info=None,
+                path=None, key=None) -> dict:
+    """Validate and assemble a "voxel1cm" value (shapes in the module docstring)."""
+    if len(xyz) != len(rgb):
+        raise DataError(f"inconsistent lengths: 'xyz' has T={len(xyz)} but 'rgb' has T={len(rgb)}", path, key)
+    T = len(xyz)
+    xs, cs = [], []
+    for t, (x, c) in enumerate(zip(xyz, rgb)):
+        x = np.asarray(x)
+        c = np.asarray(c)
+        if x.ndim != 2 or x.shape[1] != 3:
+            raise DataError(f"'xyz'[{t}] has shape {x.shape}, expected (N, 3)", path, key)
+        if c.shape != x.shape:
+            raise DataError(f"'rgb'[{t}] has shape {c.shape}, expected {x.shape} like 'xyz'[{t}]", path, key)
+        _check_finite(x, f"'xyz'[{t}]", path, key)
+        xs.append(x.astype(np.float32))
+        cs.append(c.astype(np.uint8))
+    value = {"xyz": xs, "rgb": cs, "action": _check_action(action, T, path, key),
+             "key_frameids": _check_frameids(key_frameids, T, path, key)}
+    if sem is not None:
+        if len(sem) != T or any(len(s) != len(x) for s, x in zip(sem, xs)):
+            raise DataError("'sem' must hold one label per point for every frame", path, key)
+        value["sem"] = [np.asarray(s) for s in sem]
+    value["bbox_info"] = {k: np.asarray(v, dtype=np.float32) for k, v in (bbox_info or {}).items()}
+    value["pose_info"] = {k: np.asarray(v, dtype=np.float32) for k, v in (pose_info or {}).items()}
+    return value
+
+
+def keysteps_to_voxel_value(value: dict, meta: DatasetMeta, voxel_size: float | None = None) -> dict:
+    """Convert a "keysteps" value into a "voxel1cm" value like 3D-LOTUS's gen_simple_policy_data.py.
+
+    Per frame: flatten all cameras, keep points strictly inside the workspace box, voxel-downsample
+    (mean xyz, colour and label of the first point in each voxel). ``sem`` comes from ``mask`` if present.
+    """
+    from harness.data.transforms import crop_to_workspace, voxelize
+
+    voxel_size = meta.voxel_size if voxel_size is None else voxel_size
+    xyz, rgb, sem = [], [], []
+    for t in range(value["rgb"].shape[0]):
+        pts = value["pc"][t].reshape(-1, 3)
+        cols = value["rgb"][t].reshape(-1, 3)
+        labels = value["mask"][t].reshape(-1) if "mask" in value else None
+        keep = crop_to_workspace(pts, meta.workspace_bounds)
+        pts, cols = pts[keep], cols[keep]
+        labels = labels[keep] if labels is not None else None
+        idx = voxelize(pts, voxel_size)
+        xyz.append(idx.mean_xyz)
+        rgb.append(cols[idx.first])
+        if labels is not None:
+            sem.append(labels[idx.first])
+    return voxel_value(xyz, rgb, value["action"], value["key_frameids"], sem=sem if sem else None,
+                       bbox_info=value.get("bbox_info"), pose_info=value.get("pose_info"))
+
+
+def detect_lmdb_kind(value: dict) -> str:
+    if "xyz" in value:
+        return VOXEL
+    if "pc" in value and "rgb" in value:
+        return KEYSTEPS
+    raise DataError(f"unrecognised LMDB value with keys {sorted(value)}; expected 'xyz' (voxel1cm) or "
+                    "'pc' + 'rgb' (keysteps)")
+
+
+def is_lmdb_dir(p: Path) -> bool:
+    return (p / "data.mdb").is_file()
+
+
+def episode_from_value(value: dict, taskvar: str, key: str, path=None) -> Episode:
+    """Decode one value of either kind into an ``Episode``, validating shapes and finiteness."""
+    task, var = parse_taskvar(taskvar, path)
+    for required in ("action", "key_frameids"):
+        if required not in value:
+            raise DataError(f"missing key '{required}' in episode value (has {sorted(value)})", path, key)
+    kind = detect_lmdb_kind(value)
+    if kind == VOXEL:
+        for required in ("rgb",):
+            if required not in value:
+                raise DataError(f"missing key '{required}' in voxel1cm value", path, key)
+        v = voxel_value(value["xyz"], value["rgb"], value["action"], value["key_frameids"],
+                        sem=value.get("sem"), bbox_info=value.get("bbox_info"),
+                        pose_info=value.get("pose_info"), path=path, key=key)
+        return Episode(task=task, variation=var, episode=key, actions=v["action"],
+                       key_frameids=v["key_frameids"], xyz=v["xyz"], rgb=v["rgb"], sem=v.get("sem"),
+                       bbox_info=v["bbox_info"] or None, pose_info=v["pose_info"] or None)
+    v = keysteps_value(value["rgb"], value["pc"], value["action"], value["key_frameids"],
+                       depth=value.get("depth"), mask=value.get("mask"), bbox_info=value.get("bbox_info"),
+                       pose_info=value.get("pose_info"), path=path, key=key)
+    return Episode(task=task, variation=var, episode=key, actions=v["action"], key_frameids=v["key_frameids"],
+                   rgb_images=v["rgb"], point_maps=v["pc"], depth=v.get("depth"), mask=v.get("mask"),
+                   bbox_info=v.get("bbox_info"), pose_info=v.get("pose_info"))
+
+
+@register_source
+class LotusLmdbSource:
+    """A folder of ``<task>+<variation>`` LMDBs in either 3D-LOTUS format (detected from the first value).
+
+    ``path`` may also be the root of a dataset written by ``mdh data metaworld``; then ``split`` and
+    ``kind`` pick ``<root>/<split>/<kind>``.
+    """
+
+    name = "lotus_lmdb"
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", kind: str = VOXEL):
+        path = Path(path)
+        if not path.is_dir():
+            raise DataError("data folder does not exist", path)
+        if not any(is_lmdb_dir(p) for p in path.iterdir() if p.is_dir()) and (path / split / kind).is_dir():
+            path = path / split / kind
+        self.path = path
+        self._taskvars = sorted((p.name for p in path.iterdir() if p.is_dir() and is_lmdb_dir(p)),
+                                key=natural_key)
+        if not self._taskvars:
+            raise DataError("no <task>+<variation> LMDB folders (with data.mdb) found", path)
+        for tv in self._taskvars:
+            parse_taskvar(tv, path / tv)
+        self._envs: dict[str, lmdb.Environment] = {}
+        self._keys: dict[str, list[str]] = {}
+        self.kind: str | None = None
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        path = Path(path)
+        if not path.is_dir():
+            return False
+        if any(is_lmdb_dir(p) for p in path.iterdir() if p.is_dir()):
+            return True
+        return (path / "train" / VOXEL).is_dir() or (path / "train" / KEYSTEPS).is_dir()
+
+    def _env(self, taskvar: str) -> lmdb.Environment:
+        # One read-only environment per taskvar, opened lazily (DataLoader workers re-open after fork).
+        env = self._envs.get(taskvar)
+        if env is None or getattr(self, "_pid", None) != os.getpid():
+            if getattr(self, "_pid", None) != os.getpid():
+                self._envs = {}
+                self._pid = os.getpid()
+            if taskvar not in self._taskvars:
+                raise DataError(f"unknown task-variation {taskvar!r}; available: {self._taskvars}", self.path)
+            try:
+                env = lmdb.open(str(self.path / taskvar), readonly=True, lock=False, readahead=False)
+            except lmdb.Error as e:
+                raise DataError(f"cannot open LMDB: {e}", self.path / taskvar) from None
+            self._envs[taskvar] = env
+        return env
+
+    def taskvars(self) -> list[str]:
+        return list(self._taskvars)
+
+    def episode_keys(self, taskvar: str) -> list[str]:
+        if taskvar not in self._keys:
+            with self._env(taskvar).begin() as txn:
+                keys = [k.decode("ascii") for k in txn.cursor().iternext(keys=True, values=False)]
+            self._keys[taskvar] = sorted(keys, key=natural_key)
+        return self._keys[taskvar]
+
+    def read_value(self, taskvar: str, key: str) -> dict:
+        with self._env(taskvar).begin() as txn:
+            data = txn.get(key.encode("ascii"))
+        if data is None:
+            raise DataError(f"episode key not found; available: {self.episode_keys(taskvar)[:10]}...",
+                            self.path / taskvar, key)
+        value = unpack(data, self.path / taskvar, key)
+        if self.kind is None:
+            self.kind = detect_lmdb_kind(value)
+        return value
+
+    def read_episode(self, taskvar: str, key: str) -> Episode:
+        return episode_from_value(self.read_value(taskvar, key), taskvar, key, self.path / taskvar)
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs = {}
+
+    def __getstate__(self):
+        # LMDB handles do not survive pickling into DataLoader workers; they are re-opened lazily.
+        state = dict(self.__dict__)
+        state["_envs"] = {}
+        state["_pid"] = None
+        return state
+
+
+def replace_dir_atomic(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder into place (a reader sees either nothing or the whole LMDB)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)

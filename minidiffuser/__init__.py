@@ -1,0 +1,1 @@
+"""Mini-Diffuser: the method under study (arXiv 2505.09430)."""
