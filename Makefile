@@ -1,0 +1,33 @@
+# Set-up on a fresh machine: `make test` or `make quick` (both create .venv/ through `make venv`).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The CPU build of torch is pinned here (a local wheel on our machines); pyproject states a range.
+TORCH_PIN ?= torch==2.13.0
+QUICK_DATA ?= data/metaworld
+export MUJOCO_GL ?= egl
+
+.PHONY: venv test test-all quick clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[metaworld,dev]"
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-all: venv
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+quick: venv
+	$(BIN)/mdh data metaworld --tasks mt10 --episodes 20 --out $(QUICK_DATA)
+	$(BIN)/mdh data inspect $(QUICK_DATA)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
