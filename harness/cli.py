@@ -40,6 +40,7 @@ def _add_data(sub) -> None:
     ins.add_argument("--kind", default="voxel1cm", choices=["voxel1cm", "keysteps"])
     ins.add_argument("--format", default=None, help="force a format (default: detect)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--skip-bad", action="store_true", help="skip bad episodes and report their counts")
     ins.add_argument("--render", metavar="OUT.png", default=None, help="draw one keystep's point cloud")
     ins.add_argument("--taskvar", default=None, help="with --render: which task+variation")
     ins.add_argument("--episode", default=None, help="with --render: which episode key")
@@ -58,6 +59,7 @@ def _add_bench(sub) -> None:
     d.add_argument("--batches", type=int, default=30)
     d.add_argument("--split", default="train")
     d.add_argument("--kind", default="voxel1cm", choices=["voxel1cm", "keysteps"])
+    d.add_argument("--skip-bad", action="store_true", help="skip bad episodes and report their counts")
     d.add_argument("--json", action="store_true")
 
 
@@ -87,7 +89,7 @@ def _data(args) -> int:
     if args.data_cmd == "inspect":
         from harness.data.inspect import format_summary, inspect_dataset, render_keystep
 
-        s = inspect_dataset(args.path, split=args.split, kind=args.kind, fmt=args.format)
+        s = inspect_dataset(args.path, split=args.split, kind=args.kind, fmt=args.format, skip_bad=args.skip_bad)
         print(json.dumps(s) if args.json else format_summary(s))
         if args.render:
             out = render_keystep(args.path, args.render, split=args.split, kind=args.kind, fmt=args.format,
@@ -102,7 +104,7 @@ def _bench(args) -> int:
         from harness.bench.data import bench_data
 
         r = bench_data(args.path, batch_size=args.batch_size, workers=args.workers, num_points=args.num_points,
-                       batches=args.batches, split=args.split, kind=args.kind)
+                       batches=args.batches, split=args.split, kind=args.kind, skip_bad=args.skip_bad)
         if args.json:
             print(json.dumps(r))
         else:
@@ -115,7 +117,10 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_known_args: REMAINDER in a subparser does not swallow leading options (`mdh train --steps 5`)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd not in NOT_BUILT:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.cmd in NOT_BUILT:

@@ -76,11 +76,18 @@ class KeystepDataset(Dataset):
                 raise DataError(f"task-variations {unknown} not in the dataset; available: {wanted}", self.path)
             wanted = [tv for tv in wanted if tv in set(taskvars)]
         for tv in wanted:
-            for key in self.source.episode_keys(tv):
+            keys = self.source.episode_keys(tv)
+            try:
+                self._check_text(tv)  # fail now, not mid-training
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                self.skipped[f"{type(e).__name__}: {e.problem}"] += len(keys)
+                log.warning("skipping %d episodes of %s: %s", len(keys), tv, e)
+                continue
+            for key in keys:
                 try:
                     ep = self.source.read_episode(tv, key)
-                    for t in range(ep.num_keysteps):
-                        self._instruction_for(tv, key, t, None)  # fail now, not mid-training
                 except DataError as e:
                     if not skip_bad:
                         raise
@@ -110,17 +117,22 @@ class KeystepDataset(Dataset):
         task, _ = parse_taskvar(taskvar)
         return [task.replace("_", " ").replace("-", " ")]
 
-    def _instruction_for(self, taskvar: str, key: str, t: int, rng: np.random.Generator | None):
+    def _check_text(self, taskvar: str) -> None:
+        """Every paraphrase of ``taskvar`` must have an embedding (when ``require_text``)."""
+        if not self.require_text:
+            return
+        missing = [o for o in self.instructions_for(taskvar) if o not in self.embeds]
+        if missing:
+            where = self.embeds_path or (f"{self.path} (no instr_embeds_*.npy found beside the data; "
+                                         "pass embeds=)")
+            raise DataError(f"instruction {missing[0]!r} of {taskvar} has no embedding "
+                            f"({len(self.embeds)} embeddings loaded)", where, missing[0])
+
+    def _instruction_for(self, taskvar: str, rng: np.random.Generator | None):
+        """(instruction, tokens or None): a random paraphrase in training, the first one otherwise."""
         options = self.instructions_for(taskvar)
         text = options[int(rng.integers(len(options)))] if rng is not None else options[0]
-        if not self.require_text:
-            return text, self.embeds.get(text)
-        if rng is None:  # validation pass: every paraphrase must have an embedding
-            missing = [o for o in options if o not in self.embeds]
-            if missing:
-                raise DataError(f"instruction {missing[0]!r} of {taskvar} has no embedding "
-                                f"({len(self.embeds)} embeddings loaded)", self.embeds_path, missing[0])
-        return text, self.embeds[text]
+        return text, self.embeds.get(text)
 
     # --------------------------------------------------------------------------------- items
     def set_epoch(self, epoch: int) -> None:
@@ -143,7 +155,7 @@ class KeystepDataset(Dataset):
         tv, key, t = self.index[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         train = self.transform is not None and self.transform.cfg.train
-        text, tokens = self._instruction_for(tv, key, t, rng if train else None)
+        text, tokens = self._instruction_for(tv, rng if train else None)
         ks = self.episode(tv, key).keystep(t, n_hist=self.n_hist, instruction=text, text_tokens=tokens)
         if self.transform is None:
             return ks

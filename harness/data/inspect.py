@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from harness.data.errors import DataError
 from harness.data.formats import open_source, parse_taskvar
 from harness.data.formats.lotus_lmdb import LotusLmdbSource
 from harness.data.meta import resolve_meta
@@ -19,16 +21,18 @@ def _open(path: Path, split: str, kind: str, fmt: str | None):
 
 
 def inspect_dataset(path: str | os.PathLike, split: str = "train", kind: str = "voxel1cm",
-                    fmt: str | None = None, max_episodes: int | None = None) -> dict:
+                    fmt: str | None = None, max_episodes: int | None = None, skip_bad: bool = False) -> dict:
     """Summary dict: format, tasks, variations, episodes, keysteps, points per cloud, cameras, image size.
 
-    Reads every episode (or the first ``max_episodes`` per task-variation) once.
+    Reads every episode (or the first ``max_episodes`` per task-variation) once. A bad episode raises
+    ``DataError`` unless ``skip_bad``; then it is counted under "skipped" (problem -> count).
     """
     path = Path(path)
     src = _open(path, split, kind, fmt)
     meta, meta_source = resolve_meta(getattr(src, "path", path))
     tasks, variations, points = set(), set(), []
     episodes = keysteps = 0
+    skipped: Counter = Counter()
     cameras, image_size = None, None
     for tv in src.taskvars():
         task, var = parse_taskvar(tv)
@@ -36,7 +40,13 @@ def inspect_dataset(path: str | os.PathLike, split: str = "train", kind: str = "
         variations.add(tv)
         keys = src.episode_keys(tv)
         for key in keys[:max_episodes] if max_episodes else keys:
-            ep = src.read_episode(tv, key)
+            try:
+                ep = src.read_episode(tv, key)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                skipped[e.problem] += 1
+                continue
             episodes += 1
             keysteps += ep.num_keysteps
             if ep.xyz is not None:
@@ -62,6 +72,7 @@ def inspect_dataset(path: str | os.PathLike, split: str = "train", kind: str = "
         "num_cameras": cameras if cameras is not None else len(meta.cameras),
         "image_size": image_size or (list(meta.image_size) if meta.image_size else None),
         "oracle_success": meta.oracle_success or None,
+        "skipped": dict(skipped),
     }
 
 
@@ -73,6 +84,8 @@ def format_summary(s: dict) -> str:
         p = s["points_per_cloud"]
         lines.append(f"  points per cloud: min {p['min']}  median {p['median']:.0f}  max {p['max']}")
     lines.append(f"  cameras: {s['cameras']}   image size: {s['image_size']}")
+    if s.get("skipped"):
+        lines.append(f"  skipped {sum(s['skipped'].values())} bad episodes: {s['skipped']}")
     if s.get("oracle_success"):
         mean = float(np.mean(list(s["oracle_success"].values())))
         lines.append(f"  oracle keypose-replay success: {mean:.0%} mean; "

@@ -122,7 +122,8 @@ RLBENCH18 = DatasetMeta(
     cameras=["left_shoulder", "right_shoulder", "wrist", "front"],
     image_size=None,
     voxel_size=0.01,
-    robot_link_boxes=[f"Panda_link{i}" for i in range(8)],
+    # the key prefixes 3D-LOTUS's RobotBox reads: link0's visual box, links 1-7's respondable boxes
+    robot_link_boxes=["Panda_link0_visual"] + [f"Panda_link{i}_respondable" for i in range(1, 8)],
     keypose_method="peract",
 )
 
@@ -144,8 +145,8 @@ def find_meta(path: str | os.PathLike, max_up: int = 3) -> Path | None:
 def resolve_meta(path: str | os.PathLike, preset: str | None = None) -> tuple[DatasetMeta, str]:
     """Metadata for the dataset at ``path`` and where it came from ("file:<path>" or "preset:<name>").
 
-    A ``meta.json`` beside the data wins; otherwise the named preset; otherwise ``rlbench18`` (the published
-    3D-LOTUS data ships no metadata file).
+    A named ``preset`` wins (an explicit choice); otherwise a ``meta.json`` beside the data; otherwise
+    ``rlbench18`` (the published 3D-LOTUS data ships no metadata file).
     """
     if preset is not None:
         if preset not in PRESETS:

@@ -99,5 +99,6 @@ def get_text_encoder(name: str, fallback: bool = True):
             raise
         log.warning("text encoder %r unavailable (%s: %s); FELL BACK to the 'hash' encoder, which carries no "
                     "pretrained semantics. Put the CLIP ViT-B/32 weights in the HF cache or MDH_CLIP_PATH and "
-                    "install the 'clip' extra to use CLIP.", name, type(e).__name__, str(e).splitlines()[0])
+                    "install the 'clip' extra to use CLIP.", name, type(e).__name__,
+                    (str(e).splitlines() or [""])[0])  # an exception may carry no message
         return HashTextEncoder()

@@ -87,9 +87,17 @@ def voxelize(points: np.ndarray, voxel_size: float) -> VoxelIndex:
     np.add.at(sums, inverse, points.astype(np.float64))
     mean = sums / counts[:, None]
     # float rounding can push a mean onto the upper face of its voxel; clamp it back inside
-    lo = grid[first] * voxel_size
-    mean = np.clip(mean, lo, np.nextafter(lo + voxel_size, lo))
-    return VoxelIndex(first=first, inverse=inverse, mean_xyz=mean.astype(np.float32))
+    cell = grid[first]
+    lo = cell * voxel_size
+    mean = np.clip(mean, lo, np.nextafter(lo + voxel_size, lo)).astype(np.float32)
+    # rounding to float32 can push it out again (float64 input); step it back one float32 ulp at a time
+    for _ in range(8):
+        got = np.floor(mean.astype(np.float64) / voxel_size).astype(np.int64)
+        if np.array_equal(got, cell):
+            break
+        mean = np.where(got < cell, np.nextafter(mean, np.float32(np.inf)), mean)
+        mean = np.where(got > cell, np.nextafter(mean, np.float32(-np.inf)), mean)
+    return VoxelIndex(first=first, inverse=inverse, mean_xyz=mean)
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -54,6 +54,7 @@ class LmdbWriter:
     def __init__(self, path: str | os.PathLike, map_size: int = _DEFAULT_MAP_SIZE):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        close_readonly(self.path)  # py-lmdb refuses a second handle on an environment open for reading
         self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True)
 
     def put(self, key: str, value: dict) -> None:
@@ -77,9 +78,48 @@ class LmdbWriter:
         self.close()
 
 
+# py-lmdb >= 3 refuses to open one environment twice in a process, and a forked DataLoader worker inherits
+# the parent's record of open environments. So every reader in a process shares one read-only handle per
+# LMDB (two datasets over one folder work), and a forked child closes the handles it inherited before
+# opening its own.
+_READ_ENVS: dict[str, tuple[tuple[int, int], lmdb.Environment]] = {}
+_READ_ENVS_PID = os.getpid()
+
+
+def open_readonly(path: str | os.PathLike) -> lmdb.Environment:
+    """The process's shared read-only handle on the LMDB folder ``path`` (opened on first use)."""
+    global _READ_ENVS_PID
+    if _READ_ENVS_PID != os.getpid():
+        for _, env in _READ_ENVS.values():
+            env.close()
+        _READ_ENVS.clear()
+        _READ_ENVS_PID = os.getpid()
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(os.path.join(real, "data.mdb"))
+        ident = (st.st_dev, st.st_ino)  # a folder replaced since it was opened gets a fresh handle
+    except OSError:
+        ident = (0, 0)
+    cached = _READ_ENVS.get(real)
+    if cached is not None and cached[0] == ident:
+        return cached[1]
+    if cached is not None:
+        cached[1].close()
+    env = lmdb.open(real, readonly=True, lock=False, readahead=False)
+    _READ_ENVS[real] = (ident, env)
+    return env
+
+
+def close_readonly(path: str | os.PathLike) -> None:
+    """Close the shared read-only handle on ``path`` if one is open (the next reader re-opens it)."""
+    cached = _READ_ENVS.pop(os.path.realpath(path), None)
+    if cached is not None:
+        cached[1].close()
+
+
 def read_lmdb(path: str | os.PathLike) -> dict[str, dict]:
     """All decoded values of one LMDB, keyed by episode name (for tests and small data)."""
-    with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+    with open_readonly(path).begin() as txn:
         return {k.decode("ascii"): unpack(v, path, k.decode("ascii")) for k, v in txn.cursor()}
 
 
@@ -101,7 +141,11 @@ def _check_action(action, T: int | None, path, key) -> np.ndarray:
 
 
 def _check_frameids(ids, T: int, path, key) -> list[int]:
-    ids = [int(i) for i in ids]
+    try:
+        ids = [int(i) for i in ids]
+    except (TypeError, ValueError):
+        raise DataError(f"'key_frameids' must be a list of T={T} frame indices, got {ids!r:.80}",
+                        path, key) from None
     if len(ids) != T:
         raise DataError(f"inconsistent lengths: 'key_frameids' has {len(ids)} entries, expected T={T}", path, key)
     return ids
@@ -192,13 +236,13 @@ def keysteps_to_voxel_value(value: dict, meta: DatasetMeta, voxel_size: float | 
                        bbox_info=value.get("bbox_info"), pose_info=value.get("pose_info"))
 
 
-def detect_lmdb_kind(value: dict) -> str:
+def detect_lmdb_kind(value: dict, path=None, key=None) -> str:
     if "xyz" in value:
         return VOXEL
     if "pc" in value and "rgb" in value:
         return KEYSTEPS
     raise DataError(f"unrecognised LMDB value with keys {sorted(value)}; expected 'xyz' (voxel1cm) or "
-                    "'pc' + 'rgb' (keysteps)")
+                    "'pc' + 'rgb' (keysteps)", path, key)
 
 
 def is_lmdb_dir(p: Path) -> bool:
@@ -211,7 +255,7 @@ def episode_from_value(value: dict, taskvar: str, key: str, path=None) -> Episod
     for required in ("action", "key_frameids"):
         if required not in value:
             raise DataError(f"missing key '{required}' in episode value (has {sorted(value)})", path, key)
-    kind = detect_lmdb_kind(value)
+    kind = detect_lmdb_kind(value, path, key)
     if kind == VOXEL:
         for required in ("rgb",):
             if required not in value:
@@ -253,7 +297,6 @@ class LotusLmdbSource:
             raise DataError("no <task>+<variation> LMDB folders (with data.mdb) found", path)
         for tv in self._taskvars:
             parse_taskvar(tv, path / tv)
-        self._envs: dict[str, lmdb.Environment] = {}
         self._keys: dict[str, list[str]] = {}
         self.kind: str | None = None
 
@@ -267,20 +310,13 @@ class LotusLmdbSource:
         return (path / "train" / VOXEL).is_dir() or (path / "train" / KEYSTEPS).is_dir()
 
     def _env(self, taskvar: str) -> lmdb.Environment:
-        # One read-only environment per taskvar, opened lazily (DataLoader workers re-open after fork).
-        env = self._envs.get(taskvar)
-        if env is None or getattr(self, "_pid", None) != os.getpid():
-            if getattr(self, "_pid", None) != os.getpid():
-                self._envs = {}
-                self._pid = os.getpid()
-            if taskvar not in self._taskvars:
-                raise DataError(f"unknown task-variation {taskvar!r}; available: {self._taskvars}", self.path)
-            try:
-                env = lmdb.open(str(self.path / taskvar), readonly=True, lock=False, readahead=False)
-            except lmdb.Error as e:
-                raise DataError(f"cannot open LMDB: {e}", self.path / taskvar) from None
-            self._envs[taskvar] = env
-        return env
+        # The process-wide read-only handle, opened lazily (DataLoader workers re-open after fork).
+        if taskvar not in self._taskvars:
+            raise DataError(f"unknown task-variation {taskvar!r}; available: {self._taskvars}", self.path)
+        try:
+            return open_readonly(self.path / taskvar)
+        except lmdb.Error as e:
+            raise DataError(f"cannot open LMDB: {e}", self.path / taskvar) from None
 
     def taskvars(self) -> list[str]:
         return list(self._taskvars)
@@ -300,23 +336,16 @@ class LotusLmdbSource:
                             self.path / taskvar, key)
         value = unpack(data, self.path / taskvar, key)
         if self.kind is None:
-            self.kind = detect_lmdb_kind(value)
+            self.kind = detect_lmdb_kind(value, self.path / taskvar, key)
         return value
 
     def read_episode(self, taskvar: str, key: str) -> Episode:
         return episode_from_value(self.read_value(taskvar, key), taskvar, key, self.path / taskvar)
 
     def close(self) -> None:
-        for env in self._envs.values():
-            env.close()
-        self._envs = {}
-
-    def __getstate__(self):
-        # LMDB handles do not survive pickling into DataLoader workers; they are re-opened lazily.
-        state = dict(self.__dict__)
-        state["_envs"] = {}
-        state["_pid"] = None
-        return state
+        """Close this folder's LMDB handles (shared in the process; the next read re-opens them)."""
+        for tv in self._taskvars:
+            close_readonly(self.path / tv)
 
 
 def replace_dir_atomic(tmp: Path, final: Path) -> None:

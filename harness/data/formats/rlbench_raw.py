@@ -23,9 +23,10 @@ import copyreg
 import os
 import pickle
 import re
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -124,6 +125,11 @@ class RLBenchUnpickler(pickle.Unpickler):
                         "(numpy arrays, builtins, Observation and Demo only)", self.path, self.key)
 
 
+# What a truncated or garbled pickle can raise while loading.
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
+                    TypeError, ValueError, OverflowError, MemoryError, RecursionError, OSError, struct.error)
+
+
 def load_pickle(path: str | os.PathLike, key: object = None) -> object:
     """Unpickle an RLBench file with ``RLBenchUnpickler``. Missing or unreadable file -> ``DataError``."""
     path = Path(path)
@@ -134,7 +140,7 @@ def load_pickle(path: str | os.PathLike, key: object = None) -> object:
         raise
     except FileNotFoundError:
         raise DataError("file not found", path, key) from None
-    except Exception as e:  # corrupt pickles raise anything from EOFError to MemoryError
+    except _UNPICKLE_ERRORS as e:  # corrupt pickles raise anything from EOFError to MemoryError
         raise DataError(f"cannot unpickle ({type(e).__name__}: {e})", path, key) from None
 
 
@@ -281,9 +287,9 @@ class RLBenchRawSource:
             raise DataError("RLBench data folder does not exist", self.path)
         self.level = _level(self.path)
         if self.level is None:
-            raise DataError("not a raw RLBench folder: expected <root>/<task>/variation<V>/episodes/episode<k> "
-                            "(or all_variations/episodes/...), pointing at the root, a task or a variation",
-                            self.path)
+            raise DataError("not a raw RLBench folder: expected <root>/<task>/variation<V>/episodes/"
+                            "episode<k> (or all_variations/episodes/...), pointing at the root, a task or "
+                            "a variation", self.path)
         if cameras is None:
             cameras = PERACT_CAMERAS
         elif isinstance(cameras, str):
@@ -306,7 +312,8 @@ class RLBenchRawSource:
 
     def _task_dirs(self) -> list[Path]:
         if self.level == "root":
-            return sorted((p for p in _visible_dirs(self.path) if _is_task_dir(p)), key=lambda p: natural_key(p.name))
+            tasks = [p for p in _visible_dirs(self.path) if _is_task_dir(p)]
+            return sorted(tasks, key=lambda p: natural_key(p.name))
         if self.level == "task":
             return [self.path]
         return [self.path.parent]
@@ -403,7 +410,7 @@ class RLBenchRawSource:
 
     def _camera_dir(self, ep_dir: Path, cam: str, kind: str, n_steps: int, key: str,
                     required: bool = True) -> Path | None:
-        """``<cam>_<kind>`` folder after checking it holds one PNG per demo step; None if optional and absent."""
+        """``<cam>_<kind>`` folder, checked to hold one PNG per demo step; None if optional and absent."""
         folder = ep_dir / f"{cam}_{kind}"
         if not folder.is_dir():
             if not required:
@@ -450,7 +457,8 @@ class RLBenchRawSource:
         for t in frames:
             misc = getattr(demo[t], "misc", None)
             if not isinstance(misc, dict):
-                raise DataError(f"step {t} has no misc dict with camera parameters", low_dim, f"{where}/obs[{t}].misc")
+                raise DataError(f"step {t} has no misc dict with camera parameters", low_dim,
+                                f"{where}/obs[{t}].misc")
             row_rgb, row_depth, row_pts, row_mask = [], [], [], []
             for c, cam in enumerate(self.cameras):
                 near, far, K, E = _camera_params(misc, cam, low_dim, f"{where}/obs[{t}].misc")
@@ -477,7 +485,8 @@ class RLBenchRawSource:
             if with_mask:
                 masks.append(np.stack(row_mask))
 
-        actions = np.concatenate([gripper_pose[frames], gripper_open[frames, None]], axis=1).astype(np.float32)
+        actions = np.concatenate([gripper_pose[frames], gripper_open[frames, None]], axis=1)
+        actions = actions.astype(np.float32)
         instructions, fallback = self._instructions(taskvar, ep_dir)
         return Episode(
             task=task, variation=var, episode=key, actions=actions, key_frameids=frames,
@@ -501,7 +510,7 @@ def _scalar(obs: Observation, name: str, i: int, path: Path, where: str) -> floa
 
 def _stack(demo: Iterable[Observation], name: str, shape: tuple[int, ...] | None, path: Path,
            where: str) -> np.ndarray:
-    """Stack ``obs.<name>`` over the demo -> (T, *shape) float64; a missing or misshapen value -> DataError."""
+    """Stack ``obs.<name>`` over the demo -> (T, *shape) float64; missing or misshapen -> DataError."""
     rows = []
     for i, obs in enumerate(demo):
         value = getattr(obs, name, None)
@@ -517,7 +526,8 @@ def _stack(demo: Iterable[Observation], name: str, shape: tuple[int, ...] | None
     return np.stack(rows)
 
 
-def _camera_params(misc: dict, cam: str, path: Path, where: str) -> tuple[float, float, np.ndarray, np.ndarray]:
+def _camera_params(misc: dict, cam: str, path: Path,
+                   where: str) -> tuple[float, float, np.ndarray, np.ndarray]:
     """(near, far, K (3, 3), E (4, 4)) of camera ``cam`` from one step's ``misc``."""
     out = []
     for suffix, shape in (("near", ()), ("far", ()), ("intrinsics", (3, 3)), ("extrinsics", (4, 4))):
@@ -529,7 +539,8 @@ def _camera_params(misc: dict, cam: str, path: Path, where: str) -> tuple[float,
         except (TypeError, ValueError):
             arr = None
         if arr is None or arr.shape != shape or not np.isfinite(arr).all():
-            raise DataError(f"expected finite values of shape {shape}, got {misc[name]!r}", path, f"{where}[{name}]")
+            raise DataError(f"expected finite values of shape {shape}, got {misc[name]!r}", path,
+                            f"{where}[{name}]")
         out.append(float(arr) if shape == () else arr)
     near, far, K, E = out
     if not far > near:
