@@ -49,7 +49,7 @@ def _add_data(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: data loading, training steps")
-    bsub = p.add_subparsers(dest="bench_cmd", metavar="{data}")
+    bsub = p.add_subparsers(dest="bench_cmd", metavar="{data,step}")
     bsub.required = True
     d = bsub.add_parser("data", help="loader throughput in keysteps/s")
     d.add_argument("path")
@@ -61,6 +61,29 @@ def _add_bench(sub) -> None:
     d.add_argument("--kind", default="voxel1cm", choices=["voxel1cm", "keysteps"])
     d.add_argument("--skip-bad", action="store_true", help="skip bad episodes and report their counts")
     d.add_argument("--json", action="store_true")
+    _add_bench_step(bsub)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _add_bench_step(bsub) -> None:
+    s = bsub.add_parser("step", help="training-step time and peak memory per Level-2 batch M")
+    s.add_argument("--model", default="minidiffuser")
+    s.add_argument("--preset", default="small")
+    s.add_argument("--B", type=int, default=8, help="Level-1 batch (observations per step)")
+    s.add_argument("--M", type=_int_list, default=[1, 8, 64, 256], help="comma-separated Level-2 batches")
+    s.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help="print a JSON list of objects")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +134,15 @@ def _bench(args) -> int:
             print(f"{r['keysteps_per_s_median']:.1f} keysteps/s (median of {r['passes']} passes of "
                   f"{r['batches_per_pass']} batches; batch {r['batch_size']}, {r['workers']} workers, "
                   f"{r['num_points']} points; dataset {r['keysteps']} keysteps)")
+        return 0
+    if args.bench_cmd == "step":
+        from harness.bench.step import bench_step, format_table
+
+        if args.B < 1:
+            raise SystemExit("mdh bench step: --B must be >= 1")
+        results = bench_step(args.model, args.preset, args.B, args.M, steps=args.steps, warmup=args.warmup,
+                             device=args.device)
+        print(json.dumps(results) if args.json else format_table(results))
         return 0
     raise AssertionError(args.bench_cmd)
 

@@ -1,0 +1,45 @@
+"""Two-level batch sampling, shared by every policy.
+
+Level 1: B observations, each encoded once. Level 2: each observation's diffusion target is repeated M
+times and every copy gets its own timestep and noise, drawn from the policy's schedule. Nothing else in a
+training loop needs to know about M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Level2Batch:
+    """x0 (B, D) clean targets; x_t, noise (B, M, D); t (B, M) long timesteps."""
+
+    x0: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+    @property
+    def M(self) -> int:
+        return int(self.x_t.shape[1])
+
+
+def sample_level2(x0: torch.Tensor, M: int, scheduler, generator: torch.Generator | None = None) -> Level2Batch:
+    """Repeat each of the B targets M times and noise every copy independently.
+
+    ``scheduler``: a diffusers DDPM scheduler (``config.num_train_timesteps``, ``add_noise``).
+    t ~ Uniform{0, ..., T-1} and noise ~ N(0, I) per copy; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+    """
+    if not isinstance(M, int) or M < 1:
+        raise ValueError(f"Level-2 batch M must be an integer >= 1, got {M!r}")
+    if x0.ndim != 2:
+        raise ValueError(f"x0 must be (B, D), got shape {tuple(x0.shape)}")
+    B, D = x0.shape
+    T = scheduler.config.num_train_timesteps
+    t = torch.randint(0, T, (B, M), generator=generator, device=x0.device)
+    noise = torch.randn((B, M, D), generator=generator, device=x0.device, dtype=x0.dtype)
+    x0_rep = x0[:, None, :].expand(B, M, D)
+    x_t = scheduler.add_noise(x0_rep.reshape(B * M, D), noise.reshape(B * M, D), t.reshape(B * M))
+    return Level2Batch(x0=x0, x_t=x_t.reshape(B, M, D).to(x0.dtype), t=t, noise=noise)

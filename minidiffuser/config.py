@@ -1,0 +1,129 @@
+"""``MiniDiffuserConfig``: one dataclass, every ablation is a field; presets tiny / small / paper."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from harness.diffusion import ScheduleConfig
+
+
+@dataclass
+class MiniDiffuserConfig:
+    """Architecture and loss switches (reference: ../shared/reference/minidiffuser.md §1-2).
+
+    Point backbone (``backbone="ptv3"``): a 5-stage serialized-attention U-Net; ``enc_channels`` /
+    ``enc_heads`` per encoder stage, ``dec_channels`` / ``dec_heads`` per decoder stage (finest first),
+    ``patch_size`` points per attention patch, ``grid_size`` metres of the finest voxel.
+    ``backbone="transformer"``: 3DDA-style transformer over ``fps_tokens`` farthest-point-sampled tokens.
+    Query stream: ``query_channels`` wide, ``query_heads`` heads (head dim divisible by 6 for 3D RoPE).
+    Ablations: ``rope3d`` (3D RoPE on queries and keys of the query cross-attention), ``local_query``
+    (3x3x3 kernel feature looked up at each query's voxel at every level), ``head``: "decoupled"
+    (position diffused; rotation bins + gripper from a classification head) or "joint" (position + 6D
+    rotation diffused together, 3DDA-style; gripper from the head).
+    ``official_quirks``: reproduce the released code's three bugs (text tiling, voxel index reuse, RoPE on
+    queries only) for comparison with it; the default is the fixed model.
+    """
+
+    preset: str = "small"
+    in_channels: int = 7  # xyz centred, rgb in [-1, 1], height above the table
+    text_dim: int = 512  # raw instruction token width (CLIP last hidden state)
+    context_channels: int = 256  # projected text tokens and the FiLM context
+    backbone: str = "ptv3"
+    enc_channels: tuple[int, ...] = (36, 72, 144, 192, 384)
+    enc_heads: tuple[int, ...] = (2, 4, 8, 16, 32)
+    dec_channels: tuple[int, ...] = (72, 72, 144, 192)
+    dec_heads: tuple[int, ...] = (4, 4, 8, 16)
+    stem_kernel: int = 5
+    patch_size: int = 120
+    grid_size: float = 0.01
+    serialization_orders: tuple[str, ...] = ("z", "z-trans", "hilbert", "hilbert-trans")
+    shuffle_orders: str = "always"  # "always" (official, also at test time) | "train" | "never"
+    mlp_ratio: int = 4
+    attn_drop: float = 0.1
+    proj_drop: float = 0.1
+    fps_tokens: int = 256  # transformer backbone only
+    transformer_layers: int = 4  # transformer backbone only
+    transformer_channels: int = 120  # transformer backbone only
+    transformer_heads: int = 4  # transformer backbone only (head dim divisible by 6 for RoPE)
+    query_channels: int = 72
+    query_heads: int = 4
+    rope3d: bool = True
+    local_query: bool = True
+    head: str = "decoupled"
+    head_hidden: int = 72
+    head_dropout: float = 0.2
+    euler_resolution: float = 5.0
+    rot_cond_noise: float = 0.01  # std (m) of the noise on the GT position that conditions the head
+    pos_weight: float = 20.0
+    rot_weight: float = 1.0
+    open_weight: float = 1.0
+    pos_loss: str = "l1"
+    num_points: int = 4000
+    official_quirks: bool = False
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    @property
+    def action_dim(self) -> int:
+        return 3 if self.head == "decoupled" else 9
+
+    def validate(self) -> MiniDiffuserConfig:
+        n_enc, n_dec = len(self.enc_channels), len(self.dec_channels)
+        if len(self.enc_heads) != n_enc or len(self.dec_heads) != n_dec or n_dec != n_enc - 1:
+            raise ValueError(f"enc_channels/enc_heads need {n_enc} entries and dec_channels/dec_heads "
+                             f"{n_enc - 1}; got {self.enc_heads}, {self.dec_channels}, {self.dec_heads}")
+        for c, h in [*zip(self.enc_channels, self.enc_heads), *zip(self.dec_channels, self.dec_heads)]:
+            if c % h:
+                raise ValueError(f"{c} channels are not divisible by {h} heads")
+        if self.query_channels % self.query_heads:
+            raise ValueError(f"query_channels {self.query_channels} not divisible by query_heads {self.query_heads}")
+        if self.rope3d and (self.query_channels // self.query_heads) % 6:
+            raise ValueError(f"3D RoPE needs a query head dim divisible by 6, got "
+                             f"{self.query_channels // self.query_heads}")
+        if self.backbone not in ("ptv3", "transformer"):
+            raise ValueError(f"unknown backbone {self.backbone!r}; choices: ptv3, transformer")
+        if self.backbone == "transformer" and self.local_query:
+            raise ValueError("local_query looks up voxels of the ptv3 U-Net levels; set local_query=false "
+                             "with backbone=transformer")
+        if self.head not in ("decoupled", "joint"):
+            raise ValueError(f"unknown head {self.head!r}; choices: decoupled, joint")
+        if self.shuffle_orders not in ("always", "train", "never"):
+            raise ValueError(f"shuffle_orders must be always|train|never, got {self.shuffle_orders!r}")
+        if self.pos_loss not in ("l1", "l2"):
+            raise ValueError(f"pos_loss must be l1 or l2, got {self.pos_loss!r}")
+        return self
+
+
+PRESETS: dict[str, dict] = {
+    # unit tests: a few hundred points, seconds per step on a laptop
+    "tiny": dict(enc_channels=(12, 24, 24, 48, 48), enc_heads=(1, 2, 2, 4, 4), dec_channels=(24, 24, 24, 48),
+                 dec_heads=(2, 2, 2, 4), stem_kernel=3, patch_size=16, query_channels=24, query_heads=2,
+                 head_hidden=24, context_channels=32, num_points=256, fps_tokens=32, transformer_layers=2,
+                 transformer_channels=24, transformer_heads=2),
+    # CPU default for the embedded Meta-World suite
+    "small": dict(enc_channels=(24, 48, 72, 96, 144), enc_heads=(2, 4, 4, 8, 8), dec_channels=(48, 48, 72, 96),
+                  dec_heads=(4, 4, 4, 8), stem_kernel=3, patch_size=64, query_channels=48, query_heads=4,
+                  head_hidden=48, context_channels=128, num_points=1024, fps_tokens=128, transformer_layers=3,
+                  transformer_channels=96, transformer_heads=8,
+                  # CPU cost: attention dropout draws a mask per score (B x heads x M x N for the queries)
+                  # and the MLPs dominate at these widths; both measured with `mdh bench step`
+                  attn_drop=0.0, mlp_ratio=2),
+    # the paper / official code (yaml L122-158)
+    "paper": dict(enc_channels=(36, 72, 144, 192, 384), enc_heads=(2, 4, 8, 16, 32),
+                  dec_channels=(72, 72, 144, 192), dec_heads=(4, 4, 8, 16), stem_kernel=5, patch_size=120,
+                  query_channels=72, query_heads=4, head_hidden=72, context_channels=256, num_points=4000),
+}
+
+
+def make_config(preset: str = "small", **overrides) -> MiniDiffuserConfig:
+    """Config of a preset with field overrides; unknown presets or fields list the choices."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choices: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(MiniDiffuserConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown MiniDiffuserConfig fields {unknown}; choices: {sorted(fields)}")
+    values = {**PRESETS[preset], **overrides}
+    if isinstance(values.get("schedule"), dict):
+        values["schedule"] = ScheduleConfig(**values["schedule"])
+    return MiniDiffuserConfig(preset=preset, **values).validate()

@@ -1,0 +1,131 @@
+"""``MiniDiffuser``: the Policy protocol (harness/policy.py) for the method under study.
+
+encode(batch) runs the whole point stream ONCE per observation (text, U-Net, local ConvBlocks) and
+returns a ``Condition``; denoise(x_t, t, condition) runs only the light query stream over the M samples.
+Only the position (or position + 6D rotation with ``head="joint"``) is diffused; rotation bins and the
+gripper come from a head on the max-pooled point feature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.diffusion import SamplerConfig, initial_sample, make_sampler, make_train_scheduler, run_sampler
+from harness.policy import register_policy
+from harness.rotations import euler_bins_to_quat, quat_to_6d, quat_to_euler_bins, sixd_to_quat
+from minidiffuser.config import MiniDiffuserConfig, make_config
+from minidiffuser.heads import ActionHead
+from minidiffuser.layers import init_weights
+from minidiffuser.points.unet import PointUNet, make_level
+from minidiffuser.query import Condition, QueryLevel, QueryStream
+from minidiffuser.text import TextEncoder
+from minidiffuser.transformer import TransformerBackbone
+
+REQUIRED_KEYS = ("points", "colors", "height", "point_mask", "text_tokens", "text_mask")
+
+
+class MiniDiffuser(nn.Module):
+    shares_condition = True
+
+    def __init__(self, cfg: MiniDiffuserConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.action_dim = cfg.action_dim
+        self.noise_scheduler = make_train_scheduler(cfg.schedule)
+        self.text = TextEncoder(cfg.text_dim, cfg.context_channels)
+        if cfg.backbone == "ptv3":
+            self.backbone = PointUNet(cfg)
+            final_channels = cfg.dec_channels[0]
+        else:
+            self.backbone = TransformerBackbone(cfg)
+            final_channels = cfg.transformer_channels
+        self.query = QueryStream(cfg, self.backbone.level_channels)
+        self.n_bins = int(round(360 / cfg.euler_resolution))
+        self.head = ActionHead(final_channels, cfg.head_hidden, cfg.head_dropout,
+                               self.n_bins if cfg.head == "decoupled" else None)
+        self.apply(init_weights)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------ protocol
+    def diffusion_target(self, batch: dict) -> torch.Tensor:
+        target = batch["target"]
+        if self.cfg.head == "decoupled":
+            return target[:, :3]
+        return torch.cat([target[:, :3], quat_to_6d(target[:, 3:7])], dim=-1)
+
+    def encode(self, batch: dict) -> Condition:
+        missing = [k for k in REQUIRED_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}; Mini-Diffuser needs {list(REQUIRED_KEYS)} "
+                           "(point clouds and instruction embeddings)")
+        points, mask = batch["points"], batch["point_mask"]
+        B = points.shape[0]
+        feats = torch.cat([points, batch["colors"], batch["height"]], dim=-1)
+        if feats.shape[-1] != self.cfg.in_channels:
+            raise ValueError(f"point features have {feats.shape[-1]} channels, config expects {self.cfg.in_channels}")
+        text, pooled = self.text(batch["text_tokens"], batch["text_mask"])
+        if self.cfg.backbone == "transformer":
+            levels = self.backbone(points, feats, mask, text, batch["text_mask"])
+            final = levels[-1]
+            global_feat = final.feat.masked_fill(~final.mask[..., None], float("-inf")).amax(1)
+            return Condition(levels, pooled, torch.nan_to_num(global_feat, neginf=0.0))
+        b, n = mask.nonzero(as_tuple=True)
+        level0 = make_level(feats[b, n], points[b, n], b, B, self.cfg.grid_size)
+        point_levels, convs = self.backbone(level0, text, batch["text_mask"])
+        levels = []
+        for i, lv in enumerate(point_levels):
+            levels.append(QueryLevel(feat=lv.padded(), coord=lv.padded(lv.coord), mask=lv.mask(), grid=lv.grid,
+                                     batch=lv.batch, conv_feat=convs[i] if convs else None,
+                                     grid_size=lv.grid_size, origin=lv.origin))
+        final = point_levels[-1]
+        global_feat = final.feat.new_zeros(B, final.feat.shape[1]).scatter_reduce(
+            0, final.batch[:, None].expand_as(final.feat), final.feat, "amax", include_self=False)
+        return Condition(levels, pooled, global_feat)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        return self.query(x_t, t, condition)
+
+    def loss(self, batch: dict, level2, condition: Condition) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        eps_hat = self.denoise(level2.x_t, level2.t, condition)
+        if cfg.pos_loss == "l1":
+            pos = F.l1_loss(eps_hat, level2.noise)
+        else:
+            pos = F.mse_loss(eps_hat, level2.noise)
+        target = batch["target"]
+        pos_cond = target[:, :3] + cfg.rot_cond_noise * torch.randn_like(target[:, :3])
+        rot_logits, open_logit = self.head(condition.global_feat, pos_cond)
+        terms = {"pos": pos, "open": F.binary_cross_entropy_with_logits(open_logit, target[:, 7])}
+        total = cfg.pos_weight * pos + cfg.open_weight * terms["open"]
+        if rot_logits is not None:
+            bins = quat_to_euler_bins(target[:, 3:7], cfg.euler_resolution).to(target.device)
+            terms["rot"] = F.cross_entropy(rot_logits, bins)
+            total = total + cfg.rot_weight * terms["rot"]
+        terms["total"] = total
+        return terms
+
+    @torch.no_grad()
+    def sample(self, batch: dict, sampler=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 8) [xyz, quat xyzw, open logit] in the batch's centred frame; the condition is encoded once
+        and reused for every denoising step."""
+        sampler = sampler if sampler is not None else make_sampler(self.noise_scheduler, SamplerConfig())
+        cond = self.encode(batch)
+        device = batch["points"].device
+        x = initial_sample(self.noise_scheduler, (cond.batch_size, 1, self.action_dim), generator, device)
+        x = run_sampler(lambda x, t: self.denoise(x, t, cond), x, sampler, generator)[:, 0]
+        pos = x[:, :3]
+        rot_logits, open_logit = self.head(cond.global_feat, pos)
+        if rot_logits is not None:
+            quat = euler_bins_to_quat(rot_logits.argmax(dim=1), self.cfg.euler_resolution).to(device)
+        else:
+            quat = sixd_to_quat(x[:, 3:9])
+        return torch.cat([pos, quat, open_logit[:, None]], dim=-1)
+
+
+@register_policy("minidiffuser")
+def build_minidiffuser(preset: str = "small", **overrides) -> MiniDiffuser:
+    return MiniDiffuser(make_config(preset, **overrides))
