@@ -101,13 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data(args) -> int:
     if args.data_cmd == "metaworld":
-        from harness.data.metaworld.generate import generate_suite, print_summary
+        from harness.data.metaworld.generate import format_oracle_table, generate_suite
 
         summary = generate_suite(args.out, tasks=args.tasks, episodes=args.episodes,
                                  val_episodes=args.val_episodes, test_episodes=args.test_episodes,
                                  image_size=args.image_size, seed=args.seed, encoder=args.encoder,
                                  stride=args.stride, progress=not args.no_progress)
-        print_summary(summary)
+        if args.no_progress:  # with progress on, generate_suite printed the table already
+            print(format_oracle_table(summary))
+        print(f"wrote {summary['out']} in {summary['seconds']:.0f} s "
+              f"(instruction embeddings: {summary['text_encoder']})")
         return 0
     if args.data_cmd == "inspect":
         from harness.data.inspect import format_summary, inspect_dataset, render_keystep
