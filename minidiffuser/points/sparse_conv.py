@@ -34,19 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minidiffuser.points.serialization import _is_int_tensor
+
 MAX_KEY_BITS = 62
 
 
 # ------------------------------------------------------------------------------------------ validation
-
-
-def _is_int_tensor(t: object) -> bool:
-    return (
-        isinstance(t, torch.Tensor)
-        and not t.is_floating_point()
-        and not t.is_complex()
-        and t.dtype != torch.bool
-    )
 
 
 def _shape(t: object) -> object:
