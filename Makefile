@@ -25,9 +25,17 @@ test: venv
 test-all: venv
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+QUICK_STEPS ?= 300
+QUICK_RUNS ?= results/runs/quick
+
 quick: venv
 	$(BIN)/mdh data metaworld --tasks mt10 --episodes 20 --out $(QUICK_DATA)
 	$(BIN)/mdh data inspect $(QUICK_DATA)
+	$(BIN)/mdh train data.path=$(QUICK_DATA) train.M=1 train.steps=$(QUICK_STEPS) train.eval_every=100 \
+		train.ckpt_every=100 hydra.run.dir=$(QUICK_RUNS)-M1
+	$(BIN)/mdh train data.path=$(QUICK_DATA) train.M=64 train.steps=$(QUICK_STEPS) train.eval_every=100 \
+		train.ckpt_every=100 hydra.run.dir=$(QUICK_RUNS)-M64
+	$(BIN)/mdh report runs $(QUICK_RUNS)-M1 $(QUICK_RUNS)-M64
 
 clean:
 	rm -rf $(VENV) build *.egg-info

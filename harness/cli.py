@@ -10,10 +10,8 @@ import sys
 from harness.data.errors import DataError
 
 NOT_BUILT = {
-    "train": "Level-2 training runs",
     "sweep": "Hydra + Submitit sweeps",
-    "report": "tables and figures from run records",
-    "eval": "offline and closed-loop evaluation",
+    "eval": "closed-loop evaluation",
 }
 
 
@@ -92,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", metavar="{data,train,sweep,report,bench,eval}")
     sub.required = True
     _add_data(sub)
+    sub.add_parser("train", help="one training run (Hydra overrides: model=... train.M=64 ...; "
+                                 "`mdh train --help` shows the config)", add_help=False)
+    rep = sub.add_parser("report", help="tables from run records")
+    rsub = rep.add_subparsers(dest="report_cmd", metavar="{runs}")
+    rsub.required = True
+    runs = rsub.add_parser("runs", help="key figures of run folders side by side")
+    runs.add_argument("run_dirs", nargs="+")
+    runs.add_argument("--json", action="store_true")
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{what} (not built yet)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -150,7 +156,20 @@ def _bench(args) -> int:
     raise AssertionError(args.bench_cmd)
 
 
+def _report(args) -> int:
+    from harness.report.runs import format_runs, load_runs
+
+    runs = load_runs(args.run_dirs)
+    print(json.dumps(runs, default=str) if args.json else format_runs(runs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":  # everything after `train` belongs to Hydra (overrides, --help, --cfg)
+        from harness.train_app import run
+
+        return run(argv[1:])
     parser = build_parser()
     # parse_known_args: REMAINDER in a subparser does not swallow leading options (`mdh train --steps 5`)
     args, extra = parser.parse_known_args(argv)
@@ -163,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        return _data(args) if args.cmd == "data" else _bench(args)
+        return {"data": _data, "bench": _bench, "report": _report}[args.cmd](args)
     except DataError as e:
         print(f"mdh {args.cmd}: error: {e}", file=sys.stderr)
         return 1

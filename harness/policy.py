@@ -13,9 +13,12 @@ samples of an observation share one encoded condition and cost only their light 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -55,8 +58,38 @@ def register_policy(name: str):
     return deco
 
 
+ENTRY_POINT_GROUP = "mdh.policies"
+_PLUGIN_ERRORS: dict[str, str] = {}
+
+
 def _load_builtin() -> None:
     import minidiffuser.policy  # noqa: F401  (registers "minidiffuser")
+
+    _load_plugins()
+
+
+def _load_plugins() -> None:
+    """Register third-party policies declared as entry points in the group ``mdh.policies``.
+
+    An entry point names a factory ``f(**config) -> Policy`` (``name = "pkg.module:factory"``); its entry
+    point name is the policy name. A plugin that fails to import is reported (log warning, and in the
+    error of ``build_policy`` for that name), never silently dropped.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY or ep.name in _PLUGIN_ERRORS:
+            continue
+        try:
+            factory = ep.load()
+        except Exception as e:  # a broken plugin must not break the built-ins
+            _PLUGIN_ERRORS[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            log.warning("policy plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
+            continue
+        if not callable(factory):
+            _PLUGIN_ERRORS[ep.name] = f"{ep.value} is not callable"
+            continue
+        _REGISTRY.setdefault(ep.name, factory)
 
 
 def policy_names() -> list[str]:
@@ -68,5 +101,7 @@ def build_policy(name: str, **config) -> Any:
     """Instantiate the policy registered as ``name``; an unknown name lists the choices."""
     _load_builtin()
     if name not in _REGISTRY:
+        if name in _PLUGIN_ERRORS:
+            raise KeyError(f"policy plugin {name!r} failed to load: {_PLUGIN_ERRORS[name]}")
         raise KeyError(f"unknown policy {name!r}; choices: {sorted(_REGISTRY)}")
     return _REGISTRY[name](**config)

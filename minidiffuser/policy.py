@@ -28,6 +28,7 @@ REQUIRED_KEYS = ("points", "colors", "height", "point_mask", "text_tokens", "tex
 
 class MiniDiffuser(nn.Module):
     shares_condition = True
+    requires = ("points", "text_tokens")  # what a dataset must provide (checked before training)
 
     def __init__(self, cfg: MiniDiffuserConfig):
         super().__init__()

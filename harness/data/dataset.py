@@ -151,9 +151,12 @@ class KeystepDataset(Dataset):
             self._episodes[k] = ep
         return ep
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | tuple[int, int]):
+        """Item ``i`` (or ``(i, epoch)``, as ``ResumableBatchSampler`` yields, so the augmentation RNG is
+        fixed by (seed, epoch, i) in any worker process)."""
+        i, epoch = i if isinstance(i, tuple) else (i, self.epoch)
         tv, key, t = self.index[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, epoch, i])
         train = self.transform is not None and self.transform.cfg.train
         text, tokens = self._instruction_for(tv, rng if train else None)
         ks = self.episode(tv, key).keystep(t, n_hist=self.n_hist, instruction=text, text_tokens=tokens)

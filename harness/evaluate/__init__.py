@@ -1,0 +1,1 @@
+"""Evaluation: offline action accuracy on held-out keysteps (closed loop arrives with a later issue)."""

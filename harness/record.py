@@ -1,0 +1,81 @@
+"""The run record (../shared/DESIGN.md "Run record"): one folder per run, every file written atomically
+(temporary file + ``os.replace``), so a reader never sees half a file, also while the run is going.
+
+    record.json   run id, status (running/done/failed/interrupted), config, git commit, device, B, M,
+                  model and ablation switches, parameter count, steps, timing, memory, cost, final metrics
+    metrics.csv   one row per evaluation: step, loss (mean training total since the previous row), then
+                  wall time, lr, loss terms, offline metrics
+    steps.csv     one row per training step: step, loss, loss terms, lr, grad norm, step time
+    config.yaml   the resolved configuration
+    ckpt/         checkpoints (last.pt)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+METRIC_COLUMNS = ["step", "loss", "wall_time_s", "lr", "pos", "rot", "open", "pos_err_cm", "pct_within_1cm",
+                  "rot_err_deg", "pct_within_3deg", "gripper_acc", "pct_all", "success"]
+STEP_COLUMNS = ["step", "loss", "pos", "rot", "open", "lr", "grad_norm", "step_time_s"]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
+    """CSV text with ``columns`` first (in order) and any other keys after them, sorted; empty cells for
+    missing values."""
+    extra = sorted({k for r in rows for k in r} - set(columns))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns + extra, restval="", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+class RunRecord:
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir)
+        self.ckpt_dir = self.dir / "ckpt"
+        self.data: dict = {}
+
+    @property
+    def record_path(self) -> Path:
+        return self.dir / "record.json"
+
+    def load(self) -> dict | None:
+        if not self.record_path.exists():
+            return None
+        self.data = json.loads(self.record_path.read_text())
+        return self.data
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        write_text_atomic(self.record_path, json.dumps(self.data, indent=2, default=str) + "\n")
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        write_text_atomic(self.dir / "metrics.csv", rows_to_csv(rows, METRIC_COLUMNS))
+
+    def write_steps(self, rows: list[dict]) -> None:
+        write_text_atomic(self.dir / "steps.csv", rows_to_csv(rows, STEP_COLUMNS))
+
+    def write_config(self, yaml_text: str) -> None:
+        write_text_atomic(self.dir / "config.yaml", yaml_text)

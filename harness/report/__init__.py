@@ -1,0 +1,1 @@
+"""Reports from run records (tables and figures arrive with the report issue)."""

@@ -1,0 +1,305 @@
+"""One training run, resumable: ``run_training(cfg, run_dir)``.
+
+The loop draws every Level-2 batch through ``harness.level2.sample_level2``; nothing else here knows
+about M. Re-running with the same run folder resumes from ``ckpt/last.pt`` (model, optimizer, LR
+schedule, EMA, every RNG state, the batch order, the step log); a finished run is not run again.
+SIGTERM and SIGUSR1 checkpoint at the end of the current step and exit with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import platform
+import random
+import signal
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.config import ConfigError, RunConfig, validate_config
+from harness.data.collate import collate_keysteps
+from harness.data.dataset import KeystepDataset
+from harness.data.errors import DataError
+from harness.data.formats.lotus_lmdb import LotusLmdbSource
+from harness.data.sampler import ResumableBatchSampler
+from harness.data.transforms import TransformConfig
+from harness.diffusion import SamplerConfig, make_sampler
+from harness.evaluate.offline import evaluate_policy
+from harness.level2 import sample_level2
+from harness.measure.cost import cost_summary
+from harness.measure.memory import MemoryMonitor
+from harness.measure.timing import StepTimer
+from harness.optim import make_optimizer
+from harness.policy import build_policy
+from harness.record import RunRecord
+
+log = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signal.Signals(signum).name}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(device), "count": 1}
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "count": 1,
+            "threads": torch.get_num_threads()}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def model_options(cfg: RunConfig) -> dict:
+    """``model.options`` without the null entries (null = keep the preset's value)."""
+    return {k: v for k, v in dict(cfg.model.options).items() if v is not None}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run_policy(cfg: RunConfig):
+    try:
+        return build_policy(cfg.model.name, preset=cfg.model.preset, **model_options(cfg))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"model={cfg.model.name} model.preset={cfg.model.preset} "
+                          f"model.options={model_options(cfg)}: {e}") from None
+
+
+def build_datasets(cfg: RunConfig, policy) -> tuple[KeystepDataset, KeystepDataset, str]:
+    """(train dataset, evaluation dataset, name of the evaluated split)."""
+    d = cfg.data
+    num_points = d.num_points or getattr(policy.cfg, "num_points", 4000)
+    common = dict(kind=d.kind, meta_preset=d.meta_preset, instructions=d.instructions, embeds=d.embeds,
+                  taskvars=d.taskvars, skip_bad=d.skip_bad, seed=cfg.train.seed)
+    path = Path(d.path).expanduser()
+    train = KeystepDataset(path, split=d.split, transform=TransformConfig(num_points=num_points), **common)
+    eval_split = d.val_split if (path / d.val_split / d.kind).is_dir() else d.split
+    if eval_split == d.split:
+        log.warning("no held-out split %r under %s: evaluating on %r without augmentation", d.val_split, path,
+                    d.split)
+    evalset = KeystepDataset(path, split=eval_split,
+                             transform=TransformConfig(num_points=num_points, train=False), **common)
+    check_dataset_fits_policy(train, policy, cfg)
+    return train, evalset, eval_split
+
+
+def check_dataset_fits_policy(ds: KeystepDataset, policy, cfg: RunConfig) -> None:
+    """The data must hold what the model reads, with the widths it expects."""
+    if len(ds) == 0:
+        raise ConfigError(f"data.path={cfg.data.path!r} holds no keysteps")
+    item = ds[0]
+    requires = getattr(policy, "requires", ("points", "text_tokens"))
+    if "images" in requires and getattr(ds.episode(*ds.index[0][:2]), "rgb_images", None) is None:
+        raise ConfigError(f"model {cfg.model.name} needs camera images but data.path={cfg.data.path!r} "
+                          f"(data.kind={cfg.data.kind}) holds point clouds only; use data.kind=keysteps")
+    if "text_tokens" in requires:
+        tokens = item.get("text_tokens")
+        if tokens is None:
+            raise ConfigError(f"model {cfg.model.name} needs instruction embeddings; none found beside "
+                              f"{cfg.data.path!r} (set data.embeds)")
+        want = getattr(policy.cfg, "text_dim", tokens.shape[1])
+        if tokens.shape[1] != want:
+            raise ConfigError(f"instruction embeddings in {ds.embeds_path} are {tokens.shape[1]}-d but the model "
+                              f"expects {want} (model.options.text_dim={tokens.shape[1]})")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def eval_batches(ds: KeystepDataset, n: int, batch_size: int) -> list[dict]:
+    """A fixed, evenly spaced subset of ``n`` keysteps, collated once."""
+    idx = np.unique(np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int))
+    items = [ds[int(i)] for i in idx]
+    return [collate_keysteps(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = None,
+                 config_yaml: str | None = None) -> dict:
+    """Train (or resume, or skip if done) the run in ``run_dir``; returns the final record dict."""
+    validate_config(cfg)
+    run_dir = Path(run_dir)
+    record = RunRecord(run_dir)
+    previous = record.load()
+    ckpt_path = record.ckpt_dir / "last.pt"
+    if previous and previous.get("status") == "done" and ckpt_path.exists():
+        log.info("run %s is already done; nothing to do", run_dir)
+        return previous
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)  # the initial weights are a function of the seed
+    policy = build_run_policy(cfg).to(device)
+    train_ds, eval_ds, eval_split = build_datasets(cfg, policy)
+    if config_yaml is not None:
+        record.write_config(config_yaml)
+    t = cfg.train
+    record.data = previous or {}
+    record.update(
+        run_id=run_dir.name, status="running", error=None, config=resolved or dataclasses.asdict(cfg),
+        git_commit=git_commit(), device=device_info(device), B=t.B, M=t.M, model=cfg.model.name,
+        preset=cfg.model.preset, ablation=model_options(cfg),
+        model_config=dataclasses.asdict(policy.cfg) if dataclasses.is_dataclass(policy.cfg) else None,
+        params=sum(p.numel() for p in policy.parameters()), steps_total=t.steps,
+        data={"path": str(cfg.data.path), "train_keysteps": len(train_ds), "eval_split": eval_split,
+              "eval_keysteps": min(cfg.data.eval_keysteps, len(eval_ds)), "meta": train_ds.meta_source,
+              "skipped": dict(train_ds.skipped)},
+        versions={"torch": torch.__version__, "python": platform.python_version()},
+        started_at=(previous or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    try:
+        return _train(cfg, policy, train_ds, eval_ds, record, ckpt_path, device)
+    except StopRequested as stop:
+        record.update(status="interrupted", error=f"stopped by {stop}; re-run the same command to resume")
+        raise SystemExit(128 + stop.signum) from None
+    except BaseException as e:
+        record.update(status="failed", error="".join(traceback.format_exception_only(type(e), e)).strip(),
+                      traceback=traceback.format_exc()[-4000:])
+        raise
+
+
+def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_path: Path, device) -> dict:
+    t = cfg.train
+    opt, lr_sched = make_optimizer(policy, t)
+    ema = None
+    if t.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    timer = StepTimer(warmup_steps=min(5, max(0, t.steps - 1)), device=device)
+    step, step_rows, metric_rows, wall_before = 0, [], [], 0.0
+    seed_everything(t.seed + 1)  # training draws (Level-2 noise, dropout) independent of how the model was built
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        policy.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        timer.load_state_dict(state["timer"])
+        step, step_rows, metric_rows = state["step"], state["step_rows"], state["metric_rows"]
+        wall_before = state["wall_time_s"]
+        set_rng_state(state["rng"])
+        log.info("resumed %s at step %d", record.dir, step)
+    sampler = make_sampler(policy.noise_scheduler, SamplerConfig(t.sampler, t.sampler_steps))
+    evals = eval_batches(eval_ds, cfg.data.eval_keysteps, t.B)
+    loader = DataLoader(train_ds, batch_sampler=ResumableBatchSampler(len(train_ds), t.B, t.seed, start=step),
+                        num_workers=cfg.data.workers, collate_fn=collate_keysteps,
+                        generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
+                        pin_memory=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and t.bf16)
+    stop = {"signum": None}
+
+    def on_signal(signum, frame):
+        stop["signum"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    session_start = time.perf_counter()
+    since_eval: list[dict] = []
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - session_start
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "model": policy.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "timer": timer.state_dict(), "step": step,
+            "step_rows": step_rows, "metric_rows": metric_rows, "wall_time_s": wall(), "rng": rng_state()})
+        record.write_steps(step_rows)
+
+    def summaries(mem) -> dict:
+        timing = timer.summary()
+        median = timing.get("step_time_median_s")
+        timing.update(wall_time_s=wall(), samples_per_s=(t.B * t.M / median) if median else None,
+                      keysteps_per_s=(t.B / median) if median else None)
+        info = record.data["device"]
+        cost = cost_summary(info["kind"], info["name"], info["count"], wall(), median, t.recipe_steps or t.steps)
+        return {"timing": timing, "memory": mem.summary(), "cost": cost, "steps_done": step}
+
+    from tqdm.auto import tqdm
+
+    data_iter = iter(loader)
+    try:
+        with MemoryMonitor(device) as mem, tqdm(total=t.steps, initial=step, disable=not t.progress,
+                                                 unit="step", dynamic_ncols=True) as bar:
+            while step < t.steps:
+                batch = _to_device(next(data_iter), device)
+                timer.start()
+                with autocast:
+                    cond = policy.encode(batch)
+                    level2 = sample_level2(policy.diffusion_target(batch), t.M, policy.noise_scheduler)
+                    losses = policy.loss(batch, level2, cond)
+                losses["total"].backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                lr = lr_sched.get_last_lr()[0]
+                lr_sched.step()
+                if ema is not None:
+                    ema.update_parameters(policy)
+                dt = timer.stop()
+                step += 1
+                row = {"step": step, "loss": float(losses["total"].detach()), "lr": lr, "grad_norm": float(grad_norm),
+                       "step_time_s": dt, **{k: float(v.detach()) for k, v in losses.items() if k != "total"}}
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"loss is {row['loss']} at step {step}")
+                step_rows.append(row)
+                since_eval.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                if step % t.eval_every == 0 or step == t.steps:
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        gen = torch.Generator(device=device).manual_seed(t.seed)
+                        metrics = evaluate_policy(ema.module if ema is not None else policy, evals, sampler,
+                                                  device, generator=gen)
+                    means = {k: float(np.mean([r[k] for r in since_eval if k in r]))
+                             for k in ("loss", "pos", "rot", "open") if any(k in r for r in since_eval)}
+                    metric_rows.append({"step": step, **means, "wall_time_s": wall(), "lr": lr,
+                                        **{k: v for k, v in metrics["overall"].items() if k != "n"}})
+                    since_eval = []
+                    record.write_metrics(metric_rows)
+                    record.update(final_metrics=metrics, **summaries(mem))
+                    bar.write(f"step {step}: loss {means.get('loss', float('nan')):.4f}  "
+                              f"pos {metrics['overall']['pos_err_cm']:.2f} cm  "
+                              f"within 1 cm {metrics['overall']['pct_within_1cm']:.1f}%  "
+                              f"rot {metrics['overall']['rot_err_deg']:.1f} deg  "
+                              f"all {metrics['overall']['pct_all']:.1f}%")
+                if step % t.ckpt_every == 0 or step == t.steps or stop["signum"] is not None:
+                    checkpoint()
+                    record.update(**summaries(mem))
+                if stop["signum"] is not None:
+                    raise StopRequested(stop["signum"])
+            record.update(status="done", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summaries(mem))
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        del data_iter
+    return record.data
+
+
+__all__ = ["ConfigError", "DataError", "run_training"]

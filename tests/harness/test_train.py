@@ -1,0 +1,193 @@
+"""mdh train: resume equals an uninterrupted run (real kills), records, bad configurations, learning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
+from harness.record import METRIC_COLUMNS, RunRecord, write_text_atomic
+from harness.train import run_training
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory, synth):
+    root = tmp_path_factory.mktemp("train_data")
+    synth.make_dataset(root, episodes=3, kinds=("voxel1cm",))
+    return root
+
+
+def _overrides(data: Path, run_dir: Path, **train) -> list[str]:
+    t = {"B": 2, "M": 4, "steps": 20, "seed": 3, "eval_every": 10, "ckpt_every": 10, "warmup_steps": 2,
+         "progress": False, **train}
+    return ["model.preset=tiny", "model.options.shuffle_orders=train", f"data.path={data}", "data.workers=1",
+            "data.num_points=64", "data.eval_keysteps=4", "data.name=synthetic", f"hydra.run.dir={run_dir}",
+            *[f"train.{k}={v}" for k, v in t.items()]]
+
+
+def _train_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main(sys.argv[1:]))",
+            "train", *overrides]
+
+
+def _losses(run_dir: Path) -> list[tuple[str, str]]:
+    with open(run_dir / "steps.csv") as f:
+        return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+
+
+def _run(overrides, **kw):
+    return subprocess.run(_train_cmd(overrides), cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _kill_after_checkpoint(overrides, run_dir: Path, sig: int) -> int:
+    """Start a run, wait for its first checkpoint, send ``sig``; returns the exit code."""
+    proc = subprocess.Popen(_train_cmd(overrides), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = run_dir / "ckpt" / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(sig)
+    proc.communicate(timeout=300)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_kill_equals_uninterrupted_run(train_data, tmp_path, sig):
+    straight = tmp_path / "straight"
+    done = _run(_overrides(train_data, straight))
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    code = _kill_after_checkpoint(_overrides(train_data, resumed), resumed, sig)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
+    record = json.loads((resumed / "record.json").read_text())
+    assert record["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
+    assert record["steps_done"] < 20
+    again = _run(_overrides(train_data, resumed))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _losses(resumed) == _losses(straight)
+    assert len(_losses(straight)) == 20
+    a = json.loads((straight / "record.json").read_text())
+    b = json.loads((resumed / "record.json").read_text())
+    assert b["status"] == "done" and b["final_metrics"] == a["final_metrics"]
+
+
+def _cfg(data: Path, **train) -> RunConfig:
+    t = {"B": 2, "M": 4, "steps": 6, "eval_every": 3, "ckpt_every": 3, "warmup_steps": 1, "progress": False,
+         **train}
+    return RunConfig(model=ModelConfig(preset="tiny"),
+                     data=DataConfig(name="synthetic", path=str(data), workers=0, num_points=64, eval_keysteps=4),
+                     train=TrainConfig(**t))
+
+
+def test_record_schema_metrics_and_idempotent_rerun(train_data, tmp_path):
+    run_dir = tmp_path / "run"
+    record = run_training(_cfg(train_data), run_dir)
+    for key in ("run_id", "status", "config", "git_commit", "device", "B", "M", "model", "ablation", "params",
+                "steps_done", "timing", "memory", "cost", "final_metrics"):
+        assert key in record, key
+    assert record["status"] == "done" and record["steps_done"] == 6
+    assert record["device"]["kind"] == "cpu"
+    assert record["cost"]["cpu_hours"] > 0 and record["cost"]["v100_days"] is None  # never invent GPU figures
+    assert record["memory"]["memory_source"] == "process_rss"
+    assert record["timing"]["step_time_median_s"] > 0
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["step", "loss"] and set(METRIC_COLUMNS[:13]) <= set(header)
+    with open(run_dir / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
+    assert (run_dir / "ckpt" / "last.pt").exists()
+    mtime = (run_dir / "record.json").stat().st_mtime_ns
+    assert run_training(_cfg(train_data), run_dir)["status"] == "done"  # done runs are not run again
+    assert (run_dir / "record.json").stat().st_mtime_ns == mtime
+
+
+def test_short_run_lowers_the_loss(train_data, tmp_path):
+    record = run_training(_cfg(train_data, B=4, M=32, steps=60, eval_every=60, ckpt_every=60, lr=2e-3,
+                               warmup_steps=5), tmp_path / "learn")
+    with open(tmp_path / "learn" / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert record["status"] == "done" and len(rows) == 60
+
+    def mean(key, part):
+        return sum(float(r[key]) for r in part) / len(part)
+
+    # the noise-prediction term (x20 in the total) falls by 8-10 % in 60 steps on this tiny data
+    assert mean("pos", rows[-10:]) < 0.95 * mean("pos", rows[:10])
+    assert mean("loss", rows[-10:]) < 0.95 * mean("loss", rows[:10])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"M": 0}, "train.M must be an integer >= 1"),
+    ({"B": 0}, "train.B must be an integer >= 1"),
+    ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
+    ({"preset": "huge"}, "unknown preset 'huge'"),
+    ({"option": {"rope": True}}, "unknown MiniDiffuserConfig fields"),
+    ({"path": "/no/such/folder"}, "data.path '/no/such/folder' does not exist"),
+    ({"B": 1000}, "fewer than one batch"),
+])
+def test_bad_configuration_fails_before_work(train_data, tmp_path, change, message):
+    cfg = _cfg(train_data)
+    for k, v in change.items():
+        if k in ("M", "B"):
+            setattr(cfg.train, k, v)
+        elif k == "model":
+            cfg.model.name = v
+        elif k == "preset":
+            cfg.model.preset = v
+        elif k == "option":
+            cfg.model.options = v
+        elif k == "path":
+            cfg.data.path = v
+    with pytest.raises((ConfigError, ValueError), match=message):
+        run_training(cfg, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "ckpt").exists()
+
+
+def test_data_without_instruction_embeddings_is_refused(tmp_path, synth):
+    root = tmp_path / "notext"
+    synth.make_dataset(root, kinds=("voxel1cm",), text=False)
+    cfg = _cfg(root)
+    with pytest.raises(Exception, match="embedding"):
+        run_training(cfg, tmp_path / "run")
+
+
+def test_cli_bad_override_is_one_clear_line(train_data, tmp_path):
+    out = _run(_overrides(train_data, tmp_path / "r", M=0))
+    assert out.returncode == 2
+    assert "mdh train: error: train.M must be an integer >= 1, got 0" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_atomic_writes_never_show_half_a_file(tmp_path):
+    record = RunRecord(tmp_path)
+    record.update(status="running", payload="x" * 200_000)
+    seen_bad = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                json.loads((tmp_path / "record.json").read_text())
+            except json.JSONDecodeError as e:
+                seen_bad.append(str(e))
+
+    th = threading.Thread(target=reader)
+    th.start()
+    for i in range(200):
+        record.update(step=i, payload=str(i) * (100_000 + i))
+    stop.set()
+    th.join()
+    assert not seen_bad
+    write_text_atomic(tmp_path / "x.txt", "done")
+    assert sorted(os.listdir(tmp_path)) == ["record.json", "x.txt"]  # no temporary files left behind
