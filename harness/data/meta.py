@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,17 +95,9 @@ class DatasetMeta:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON through a temporary file and ``os.replace`` so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from harness.record import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # The published 3D-LOTUS PerAct-18 data (../shared/reference/minidiffuser.md §3.2, §3.5): the workspace box

@@ -60,7 +60,7 @@ from harness.data.text import get_text_encoder
 
 log = logging.getLogger(__name__)
 
-GENERATOR_NAME = "mdh-metaworld/1"
+GENERATOR_NAME = "mdh-metaworld/2"  # 2: orientation in the tool frame (scene.TOOL_FROM_HAND)
 # Stride 10 maximised the oracle on MT10 x 20 demos (198/200; stride 5: 195, 15: 197, 20: 197, 30: 193)
 # with OPEN_THRESHOLD 0.6, 10 settle steps and the default ServoConfig.
 DEFAULT_STRIDE = 10

@@ -101,11 +101,24 @@ def reset_to_seed(env, seed: int) -> np.ndarray:
     return obs
 
 
+# The Sawyer ``hand`` body points its x axis down (quat ~ 90 deg about y): that orientation sits at the
+# pitch = 90 deg singularity of the 'xyz' Euler angles that Mini-Diffuser's rotation bins use, where roll and
+# yaw swing by tens of degrees for a rotation that wobbles by one or two, so the bin targets become noise.
+# The recorded pose uses a tool frame instead, with z along the approach direction (the hand's x axis):
+# tool = hand * TOOL_FROM_HAND. Pointing down it reads roll 180, pitch 0, yaw 0, as RLBench's Panda tip
+# frame does. Meta-World ignores orientation in its actions, so nothing downstream depends on the choice.
+TOOL_FROM_HAND = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
 def hand_pose(env) -> tuple[np.ndarray, np.ndarray]:
-    """(xyz (3,), quat xyzw (4,)) float64 of the ``hand`` body, world frame (MuJoCo's quat is wxyz)."""
+    """(xyz (3,), quat xyzw (4,)) float64 of the ``hand`` body position and its tool frame (see
+    ``TOOL_FROM_HAND``), world frame (MuJoCo's quat is wxyz)."""
+    from scipy.spatial.transform import Rotation
+
     body = env.data.body("hand")
     w, x, y, z = body.xquat
-    return np.array(body.xpos, dtype=np.float64), np.array([x, y, z, w], dtype=np.float64)
+    tool = Rotation.from_quat([x, y, z, w]) * Rotation.from_matrix(TOOL_FROM_HAND)
+    return np.array(body.xpos, dtype=np.float64), tool.as_quat().astype(np.float64)
 
 
 def is_open(obs: np.ndarray, threshold: float = OPEN_THRESHOLD) -> float:
