@@ -63,18 +63,18 @@ def _kill_after_checkpoint(overrides, run_dir: Path, sig: int) -> int:
     return proc.returncode
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_resume_after_kill_equals_uninterrupted_run(train_data, tmp_path, sig):
+@pytest.mark.parametrize("sig, extra", [(signal.SIGKILL, {}), (signal.SIGTERM, {"ema_decay": 0.9})])
+def test_resume_after_kill_equals_uninterrupted_run(train_data, tmp_path, sig, extra):
     straight = tmp_path / "straight"
-    done = _run(_overrides(train_data, straight))
+    done = _run(_overrides(train_data, straight, **extra))
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = tmp_path / "resumed"
-    code = _kill_after_checkpoint(_overrides(train_data, resumed), resumed, sig)
+    code = _kill_after_checkpoint(_overrides(train_data, resumed, **extra), resumed, sig)
     assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
     record = json.loads((resumed / "record.json").read_text())
     assert record["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
     assert record["steps_done"] < 20
-    again = _run(_overrides(train_data, resumed))
+    again = _run(_overrides(train_data, resumed, **extra))
     assert again.returncode == 0, again.stderr[-3000:]
     assert _losses(resumed) == _losses(straight)
     assert len(_losses(straight)) == 20
