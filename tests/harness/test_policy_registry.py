@@ -68,6 +68,6 @@ def test_third_party_policy_found_through_entry_point(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "constant" in policy_names()
     policy = build_policy("constant", value=2.5)
-    assert float(policy.value) == 2.5 and policy.action_dim == 3
+    assert float(policy.value.detach()) == 2.5 and policy.action_dim == 3
     with pytest.raises(KeyError, match="broken.*failed to load"):
         build_policy("broken")
