@@ -43,3 +43,11 @@ def sample_level2(x0: torch.Tensor, M: int, scheduler, generator: torch.Generato
     x0_rep = x0[:, None, :].expand(B, M, D)
     x_t = scheduler.add_noise(x0_rep.reshape(B * M, D), noise.reshape(B * M, D), t.reshape(B * M))
     return Level2Batch(x0=x0, x_t=x_t.reshape(B, M, D).to(x0.dtype), t=t, noise=noise)
+
+
+def level2_losses(policy, batch: dict, M: int, generator: torch.Generator | None = None) -> dict:
+    """The training objective of one Level-1 batch: encode each observation once, draw M noised copies
+    of its target, return ``policy.loss`` (named terms with "total")."""
+    condition = policy.encode(batch)
+    level2 = sample_level2(policy.diffusion_target(batch), M, policy.noise_scheduler, generator)
+    return policy.loss(batch, level2, condition)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,19 +25,29 @@ METRIC_COLUMNS = ["step", "loss", "wall_time_s", "lr", "pos", "rot", "open", "po
 STEP_COLUMNS = ["step", "loss", "pos", "rot", "open", "lr", "grad_norm", "step_time_s"]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp"):
+    """Yield a temporary path beside ``path``; when the block ends, move it onto ``path`` with
+    ``os.replace`` (a reader sees the old file or the new one, never half of one). On error the temporary
+    file is removed and ``path`` is untouched."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def rows_to_csv(rows: list[dict], columns: list[str]) -> str:

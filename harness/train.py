@@ -25,15 +25,14 @@ from torch.utils.data import DataLoader
 
 from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from harness.config import ConfigError, RunConfig, validate_config
-from harness.data.collate import collate_keysteps
+from harness.data.collate import batch_to, collate_keysteps
 from harness.data.dataset import KeystepDataset
 from harness.data.errors import DataError
-from harness.data.formats.lotus_lmdb import LotusLmdbSource
 from harness.data.sampler import ResumableBatchSampler
 from harness.data.transforms import TransformConfig
 from harness.diffusion import SamplerConfig, make_sampler
 from harness.evaluate.offline import evaluate_policy
-from harness.level2 import sample_level2
+from harness.level2 import level2_losses
 from harness.measure.cost import cost_summary
 from harness.measure.memory import MemoryMonitor
 from harness.measure.timing import StepTimer
@@ -129,10 +128,6 @@ def check_dataset_fits_policy(ds: KeystepDataset, policy, cfg: RunConfig) -> Non
         if tokens.shape[1] != want:
             raise ConfigError(f"instruction embeddings in {ds.embeds_path} are {tokens.shape[1]}-d but the model "
                               f"expects {want} (model.options.text_dim={tokens.shape[1]})")
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def eval_batches(ds: KeystepDataset, n: int, batch_size: int) -> list[dict]:
@@ -248,12 +243,10 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
         with MemoryMonitor(device) as mem, tqdm(total=t.steps, initial=step, disable=not t.progress,
                                                  unit="step", dynamic_ncols=True) as bar:
             while step < t.steps:
-                batch = _to_device(next(data_iter), device)
+                batch = batch_to(next(data_iter), device)
                 timer.start()
                 with autocast:
-                    cond = policy.encode(batch)
-                    level2 = sample_level2(policy.diffusion_target(batch), t.M, policy.noise_scheduler)
-                    losses = policy.loss(batch, level2, cond)
+                    losses = level2_losses(policy, batch, t.M)
                 losses["total"].backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip)
                 opt.step()

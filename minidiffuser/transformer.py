@@ -45,7 +45,6 @@ class TransformerBackbone(nn.Module):
         return [self.point_mlp[-1].out_features] * len(self.layers)
 
     def forward(self, points, feats, mask, text, text_mask) -> list[QueryLevel]:
-        B = points.shape[0]
         idx = farthest_point_sample(points, self.num_tokens, mask)  # (B, k)
         centres = torch.gather(points, 1, idx[..., None].expand(-1, -1, 3))
         dist = torch.cdist(centres, points).masked_fill(~mask[:, None, :], float("inf"))

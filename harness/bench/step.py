@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from harness.bench.synthetic import synthetic_batch
-from harness.level2 import sample_level2
+from harness.level2 import level2_losses
 from harness.policy import build_policy
 
 
@@ -49,9 +49,7 @@ class StepRunner:
         """One training step at Level-2 batch M; returns its wall time in seconds."""
         self.sync()
         t0 = time.perf_counter()
-        cond = self.policy.encode(self.batch)
-        level2 = sample_level2(self.policy.diffusion_target(self.batch), M, self.policy.noise_scheduler)
-        self.policy.loss(self.batch, level2, cond)["total"].backward()
+        level2_losses(self.policy, self.batch, M)["total"].backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sync()

@@ -14,6 +14,11 @@ _STACKED = ("points", "colors", "height", "point_mask", "pose", "target", "histo
 _LISTS = ("task", "instruction", "key", "variation")
 
 
+def batch_to(batch: dict, device) -> dict:
+    """Move a collated batch's tensors to ``device`` (string lists stay as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def collate_keysteps(items: list[dict]) -> dict:
     if not items:
         raise ValueError("cannot collate an empty list of keysteps")

@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from harness.data.collate import batch_to
 from harness.rotations import geodesic_deg
 
 POS_THRESHOLD_CM = 1.0
@@ -61,7 +62,7 @@ def evaluate_policy(policy, batches, sampler, device, generator: torch.Generator
     preds, targets, tasks = [], [], []
     try:
         for batch in batches:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = batch_to(batch, device)
             preds.append(policy.sample(batch, sampler, generator=generator).cpu())
             targets.append(batch["target"].cpu())
             tasks.extend(batch["task"])

@@ -44,11 +44,10 @@ def read_taskvar_instructions(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def write_instr_embeds(path: str | os.PathLike, embeds: dict[str, np.ndarray]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, {k: np.asarray(v, dtype=np.float32) for k, v in embeds.items()}, allow_pickle=True)
-    os.replace(tmp, path)
+    from harness.record import atomic_path
+
+    with atomic_path(Path(path), suffix=".npy") as tmp:  # np.save appends .npy to other names
+        np.save(tmp, {k: np.asarray(v, dtype=np.float32) for k, v in embeds.items()}, allow_pickle=True)
 
 
 def read_instr_embeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
