@@ -14,33 +14,93 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
+
+
+class DiskFullError(RuntimeError):
+    """The disk filled up (ENOSPC) while a run wrote its files; the message names the file and the last
+    good checkpoint."""
+
+
+def disk_full_path(error: BaseException) -> str | None:
+    """The file whose write hit ENOSPC somewhere in ``error``'s chain, or None if the disk was not full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error.filename or "?"
+        error = error.__cause__ or error.__context__
+    return None
+
 
 METRIC_COLUMNS = ["step", "loss", "wall_time_s", "lr", "pos", "rot", "open", "pos_err_cm", "pct_within_1cm",
                   "rot_err_deg", "pct_within_3deg", "gripper_acc", "pct_all", "success"]
 STEP_COLUMNS = ["step", "loss", "pos", "rot", "open", "lr", "grad_norm", "step_time_s"]
 
 
+_UMASK_LOCK = threading.Lock()
+# Names of atomic_path's temporaries: "." + final name + "." + mkstemp's 8 random characters + suffix.
+_TEMPORARY_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.(tmp|npy)$")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = ".tmp"):
     """Yield a temporary path beside ``path``; when the block ends, move it onto ``path`` with
     ``os.replace`` (a reader sees the old file or the new one, never half of one). On error the temporary
-    file is removed and ``path`` is untouched."""
+    file is removed and ``path`` is untouched. The file gets the mode a plain ``open`` would give it
+    (0666 minus the umask), not mkstemp's private 0600, so colleagues on a shared cluster can read results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # f.write() names no file; say which one
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries ``atomic_path`` leaves when its process is killed mid-write (e.g.
+    ``ckpt/.last.pt.abcd1234.tmp``) in ``folder``. Call only while holding the folder's run lock, so no
+    live writer's file is removed. Returns the removed paths."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.is_file() and _TEMPORARY_RE.match(entry.name):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import platform
 import random
 import signal
@@ -32,13 +33,15 @@ from harness.data.sampler import ResumableBatchSampler
 from harness.data.transforms import TransformConfig
 from harness.diffusion import SamplerConfig, make_sampler
 from harness.evaluate.offline import evaluate_policy
+from harness.fingerprint import config_differences, fingerprint, semantic_config
 from harness.level2 import level2_losses
 from harness.measure.cost import cost_summary
 from harness.measure.memory import MemoryMonitor
 from harness.measure.timing import StepTimer
 from harness.optim import make_optimizer
 from harness.policy import build_policy
-from harness.record import RunRecord
+from harness.record import DiskFullError, RunRecord, disk_full_path, remove_stale_temporaries
+from harness.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,9 @@ def check_dataset_fits_policy(ds: KeystepDataset, policy, cfg: RunConfig) -> Non
     """The data must hold what the model reads, with the widths it expects."""
     if len(ds) == 0:
         raise ConfigError(f"data.path={cfg.data.path!r} holds no keysteps")
+    if len(ds) < cfg.train.B:
+        raise ConfigError(f"train.B={cfg.train.B} but data.path={cfg.data.path!r} (split {cfg.data.split!r}) "
+                          f"holds {len(ds)} training keysteps, fewer than one batch; lower train.B")
     item = ds[0]
     requires = getattr(policy, "requires", ("points", "text_tokens"))
     if "images" in requires and getattr(ds.episode(*ds.index[0][:2]), "rgb_images", None) is None:
@@ -130,6 +136,15 @@ def check_dataset_fits_policy(ds: KeystepDataset, policy, cfg: RunConfig) -> Non
                               f"expects {want} (model.options.text_dim={tokens.shape[1]})")
 
 
+def mean_losses_since(step_rows: list[dict], after_step: int) -> dict[str, float]:
+    """Mean of every loss column over the steps after ``after_step`` (the previous evaluation). Computed
+    from the step log, which the checkpoint holds, so a resumed run averages exactly what an uninterrupted
+    one would."""
+    rows = [r for r in step_rows if r["step"] > after_step]
+    keys = [k for k in ("loss", "pos", "rot", "open") if any(k in r for r in rows)]
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+
 def eval_batches(ds: KeystepDataset, n: int, batch_size: int) -> list[dict]:
     """A fixed, evenly spaced subset of ``n`` keysteps, collated once."""
     idx = np.unique(np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int))
@@ -137,14 +152,71 @@ def eval_batches(ds: KeystepDataset, n: int, batch_size: int) -> list[dict]:
     return [collate_keysteps(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
+def data_identity(train_ds: KeystepDataset, eval_ds: KeystepDataset, eval_split: str) -> dict:
+    """What a resumed run must find again in the data (the batch order is a function of the keystep count):
+    task-variations, episodes and keysteps of the training set, and the evaluated split's size."""
+    episodes = sorted({f"{tv}/{key}" for tv, key, _ in train_ds.index})
+    return {"taskvars": sorted({tv for tv, _, _ in train_ds.index}), "train_episodes": len(episodes),
+            "train_keysteps": len(train_ds), "eval_split": eval_split, "eval_keysteps": len(eval_ds)}
+
+
+def previous_semantic_config(previous: dict | None) -> dict | None:
+    """The semantic configuration a run folder's record was written under (records older than the
+    fingerprint: recomputed from their resolved ``config``)."""
+    if not previous:
+        return None
+    if isinstance(previous.get("semantic_config"), dict):
+        return previous["semantic_config"]
+    if isinstance(previous.get("config"), dict):
+        return semantic_config(previous["config"])
+    return None
+
+
+def refuse_other_configuration(run_dir: Path, old: dict | None, new: dict, what: str) -> None:
+    """One line naming every differing key when ``run_dir`` was written under another configuration."""
+    if old is None or old == new:
+        return
+    diffs = config_differences(old, new)
+    raise ConfigError(f"run folder {run_dir} holds a run with another configuration ({what}): "
+                      f"{'; '.join(diffs)}. Re-run with the original values, or choose another run folder "
+                      "(hydra.run.dir=...; the default folder name already differs per configuration)")
+
+
 def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = None,
-                 config_yaml: str | None = None) -> dict:
-    """Train (or resume, or skip if done) the run in ``run_dir``; returns the final record dict."""
+                 config_yaml: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Train (or resume, or skip if done) the run in ``run_dir``; returns the final record dict.
+
+    Owns ``run_dir`` for its whole duration (``RunLock``); refuses a folder written under another
+    semantic configuration (``harness.fingerprint``) or other data; a full disk ends in ``DiskFullError``
+    naming the file and the last good checkpoint.
+    """
     validate_config(cfg)
     run_dir = Path(run_dir)
+    with RunLock(run_dir) as lock:
+        return _run_owned(cfg, run_dir, lock, resolved, config_yaml, overrides)
+
+
+def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | None,
+               config_yaml: str | None, overrides: list[str] | None) -> dict:
     record = RunRecord(run_dir)
+    removed = remove_stale_temporaries(run_dir) + remove_stale_temporaries(record.ckpt_dir)
+    if removed:
+        log.warning("removed %d temporary files left by an interrupted write: %s", len(removed),
+                    ", ".join(str(p) for p in removed))
     previous = record.load()
+    semantic, fp = semantic_config(cfg), fingerprint(cfg)
+    refuse_other_configuration(run_dir, previous_semantic_config(previous), semantic, "record.json")
     ckpt_path = record.ckpt_dir / "last.pt"
+    if previous and previous.get("status") == "running":  # we hold the lock, so its owner is gone
+        holder = lock.stale or {}
+        log.warning("run %s: the process that ran it (pid %s on %s) died without a word; last checkpoint at "
+                    "step %s; resuming from it", run_dir, holder.get("pid", "?"), holder.get("host", "?"),
+                    previous.get("checkpoint_step", 0 if not ckpt_path.exists() else "?"))
+        record.data = previous
+        record.update(status="died", error="the training process died (killed, out of memory, node lost)",
+                      died={"holder": holder, "checkpoint_step": previous.get("checkpoint_step"),
+                            "detected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        previous = record.data
     if previous and previous.get("status") == "done" and ckpt_path.exists():
         log.info("run %s is already done; nothing to do", run_dir)
         return previous
@@ -152,33 +224,52 @@ def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = No
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed
     policy = build_run_policy(cfg).to(device)
     train_ds, eval_ds, eval_split = build_datasets(cfg, policy)
+    identity = data_identity(train_ds, eval_ds, eval_split)
     if config_yaml is not None:
         record.write_config(config_yaml)
     t = cfg.train
     record.data = previous or {}
     record.update(
-        run_id=run_dir.name, status="running", error=None, config=resolved or dataclasses.asdict(cfg),
+        run_id=run_dir.name, status="running", error=None, fingerprint=fp, semantic_config=semantic,
+        config=resolved or dataclasses.asdict(cfg), overrides=overrides,
         git_commit=git_commit(), device=device_info(device), B=t.B, M=t.M, model=cfg.model.name,
         preset=cfg.model.preset, ablation=model_options(cfg),
         model_config=dataclasses.asdict(policy.cfg) if dataclasses.is_dataclass(policy.cfg) else None,
         params=sum(p.numel() for p in policy.parameters()), steps_total=t.steps,
         data={"path": str(cfg.data.path), "train_keysteps": len(train_ds), "eval_split": eval_split,
               "eval_keysteps": min(cfg.data.eval_keysteps, len(eval_ds)), "meta": train_ds.meta_source,
-              "skipped": dict(train_ds.skipped)},
+              "skipped": dict(train_ds.skipped), "identity": identity},
+        owner=lock_owner_fields(), checkpoint_step=(previous or {}).get("checkpoint_step"),
         versions={"torch": torch.__version__, "python": platform.python_version()},
         started_at=(previous or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    last_good = {"step": (previous or {}).get("checkpoint_step"), "path": ckpt_path}
     try:
-        return _train(cfg, policy, train_ds, eval_ds, record, ckpt_path, device)
+        return _train(cfg, policy, train_ds, eval_ds, record, ckpt_path, device, fp, semantic, identity,
+                      last_good)
     except StopRequested as stop:
         record.update(status="interrupted", error=f"stopped by {stop}; re-run the same command to resume")
         raise SystemExit(128 + stop.signum) from None
     except BaseException as e:
-        record.update(status="failed", error="".join(traceback.format_exception_only(type(e), e)).strip(),
-                      traceback=traceback.format_exc()[-4000:])
+        full = disk_full_path(e)
+        try:
+            record.update(status="failed", error="".join(traceback.format_exception_only(type(e), e)).strip(),
+                          traceback=traceback.format_exc()[-4000:])
+        except OSError as write_error:  # e.g. the disk is still full; the next start reports "died"
+            log.error("could not record the failure in %s: %s", record.record_path, write_error)
+        if full is not None:
+            good = (f"{last_good['path']} (step {last_good['step']})" if last_good["step"] is not None
+                    else "none yet")
+            raise DiskFullError(f"disk full (ENOSPC) while writing {full}; last good checkpoint: {good}. "
+                                "Free space and re-run the same command to resume") from None
         raise
 
 
-def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_path: Path, device) -> dict:
+def lock_owner_fields() -> dict:
+    return {"host": platform.node(), "pid": os.getpid()}
+
+
+def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_path: Path, device,
+           fp: str, semantic: dict, identity: dict, last_good: dict) -> dict:
     t = cfg.train
     opt, lr_sched = make_optimizer(policy, t)
     ema = None
@@ -191,6 +282,11 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
     seed_everything(t.seed + 1)  # training draws (Level-2 noise, dropout) independent of how the model was built
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
+        refuse_other_configuration(record.dir, state.get("semantic_config"), semantic, str(ckpt_path))
+        if state.get("data_identity") not in (None, identity):
+            raise ConfigError(f"run folder {record.dir} was trained on other data than data.path="
+                              f"{cfg.data.path!r} holds now ({ckpt_path}): "
+                              f"{'; '.join(config_differences(state['data_identity'], identity))}")
         policy.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
@@ -200,6 +296,7 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
         step, step_rows, metric_rows = state["step"], state["step_rows"], state["metric_rows"]
         wall_before = state["wall_time_s"]
         set_rng_state(state["rng"])
+        last_good["step"] = step
         log.info("resumed %s at step %d", record.dir, step)
     sampler = make_sampler(policy.noise_scheduler, SamplerConfig(t.sampler, t.sampler_steps))
     evals = eval_batches(eval_ds, cfg.data.eval_keysteps, t.B)
@@ -215,7 +312,6 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     session_start = time.perf_counter()
-    since_eval: list[dict] = []
 
     def wall() -> float:
         return wall_before + time.perf_counter() - session_start
@@ -224,7 +320,9 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
         save_checkpoint(ckpt_path, {
             "model": policy.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "timer": timer.state_dict(), "step": step,
-            "step_rows": step_rows, "metric_rows": metric_rows, "wall_time_s": wall(), "rng": rng_state()})
+            "step_rows": step_rows, "metric_rows": metric_rows, "wall_time_s": wall(), "rng": rng_state(),
+            "fingerprint": fp, "semantic_config": semantic, "data_identity": identity})
+        last_good["step"] = step
         record.write_steps(step_rows)
 
     def summaries(mem) -> dict:
@@ -262,7 +360,6 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                 if not math.isfinite(row["loss"]):
                     raise FloatingPointError(f"loss is {row['loss']} at step {step}")
                 step_rows.append(row)
-                since_eval.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 if step % t.eval_every == 0 or step == t.steps:
@@ -270,11 +367,9 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                         gen = torch.Generator(device=device).manual_seed(t.seed)
                         metrics = evaluate_policy(ema.module if ema is not None else policy, evals, sampler,
                                                   device, generator=gen)
-                    means = {k: float(np.mean([r[k] for r in since_eval if k in r]))
-                             for k in ("loss", "pos", "rot", "open") if any(k in r for r in since_eval)}
+                    means = mean_losses_since(step_rows, metric_rows[-1]["step"] if metric_rows else 0)
                     metric_rows.append({"step": step, **means, "wall_time_s": wall(), "lr": lr,
                                         **{k: v for k, v in metrics["overall"].items() if k != "n"}})
-                    since_eval = []
                     record.write_metrics(metric_rows)
                     record.update(final_metrics=metrics, **summaries(mem))
                     bar.write(f"step {step}: loss {means.get('loss', float('nan')):.4f}  "
@@ -284,7 +379,7 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                               f"all {metrics['overall']['pct_all']:.1f}%")
                 if step % t.ckpt_every == 0 or step == t.steps or stop["signum"] is not None:
                     checkpoint()
-                    record.update(**summaries(mem))
+                    record.update(checkpoint_step=step, **summaries(mem))
                 if stop["signum"] is not None:
                     raise StopRequested(stop["signum"])
             record.update(status="done", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summaries(mem))
@@ -295,4 +390,4 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
     return record.data
 
 
-__all__ = ["ConfigError", "DataError", "run_training"]
+__all__ = ["ConfigError", "DataError", "DiskFullError", "run_training"]

@@ -2,8 +2,9 @@
 
     mdh train model=minidiffuser model.preset=small data=metaworld data.path=DIR train.B=8 train.M=64
 
-The run folder is Hydra's run dir (``hydra.run.dir=...``; by default derived from the model, data, B, M
-and seed, so re-running the same command resumes the same run).
+The run folder is Hydra's run dir (``hydra.run.dir=...``; by default a readable prefix from the model, data,
+B, M and seed plus the fingerprint of the semantic configuration, so re-running the same command resumes
+the same run and two different configurations never share a folder).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, RunConfig
 from harness.data.errors import DataError
+from harness.fingerprint import register_resolver
+from harness.record import DiskFullError
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+register_resolver()  # ${mdh_fingerprint:...} in the default run folder name
 log = logging.getLogger("mdh.train")
 
 
@@ -31,8 +36,9 @@ def main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         run_cfg: RunConfig = OmegaConf.to_object(cfg)
-        record = run_training(run_cfg, run_dir, resolved=resolved, config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
-    except (ConfigError, DataError) as e:
+        record = run_training(run_cfg, run_dir, resolved=resolved, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                              overrides=list(HydraConfig.get().overrides.task))
+    except (ConfigError, DataError, DiskFullError, CheckpointError) as e:
         print(f"mdh train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(summary_line(record, run_dir))

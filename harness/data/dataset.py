@@ -18,10 +18,14 @@ from torch.utils.data import Dataset
 from harness.data.episode import Episode
 from harness.data.errors import DataError
 from harness.data.formats import open_source, parse_taskvar
-from harness.data.formats.instructions import (find_instruction_files, read_instr_embeds,
-                                               read_taskvar_instructions)
+from harness.data.formats.instructions import (
+    find_instruction_files,
+    read_instr_embeds,
+    read_taskvar_instructions,
+)
 from harness.data.meta import DatasetMeta, resolve_meta
 from harness.data.transforms import KeystepTransform, TransformConfig
+from harness.data.validate import check_episode
 
 log = logging.getLogger(__name__)
 
@@ -69,35 +73,60 @@ class KeystepDataset(Dataset):
         self.index: list[tuple[str, str, int]] = []
         self._episodes: dict[tuple[str, str], Episode] = {}
         self._cache_size = cache_episodes
+        self._index_episodes(taskvars)
+        if self.skipped:
+            log.warning("skipped %d bad episodes or folders (--skip-bad): %s", sum(self.skipped.values()),
+                        dict(self.skipped))
+
+    # ------------------------------------------------------------------------------------ index
+    def _skip(self, e: DataError, count: int = 1) -> None:
+        """Re-raise ``e``, or with ``skip_bad`` count it (``count`` episodes, or 1 for a folder)."""
+        if not self.skip_bad:
+            raise e
+        self.skipped[f"{type(e).__name__}: {e.problem}"] += count
+        log.warning("skip_bad: skipping %s", e)
+
+    def where(self, taskvar: str) -> Path:
+        """The file or folder that holds ``taskvar`` (named in errors)."""
+        if hasattr(self.source, "taskvar_path"):
+            return self.source.taskvar_path(taskvar)
+        return getattr(self.source, "path", self.path)
+
+    def _index_episodes(self, taskvars: list[str] | None) -> None:
+        """Read and check every episode once (``harness.data.validate``); fill ``index``."""
         wanted = self.source.taskvars()
+        bad = self.source.bad_taskvars() if hasattr(self.source, "bad_taskvars") else {}
         if taskvars is not None:
-            unknown = sorted(set(taskvars) - set(wanted))
+            unknown = sorted(set(taskvars) - set(wanted) - set(bad))
             if unknown:
                 raise DataError(f"task-variations {unknown} not in the dataset; available: {wanted}", self.path)
             wanted = [tv for tv in wanted if tv in set(taskvars)]
+            bad = {tv: e for tv, e in bad.items() if tv in set(taskvars)}
+        for e in bad.values():  # empty <task>+<var> folders
+            self._skip(e)
+        cfg = self.transform.cfg if self.transform is not None else None
         for tv in wanted:
-            keys = self.source.episode_keys(tv)
+            try:
+                keys = self.source.episode_keys(tv)
+                if not keys:
+                    raise DataError(f"task-variation {tv} holds no episodes (an empty LMDB?)", self.where(tv))
+            except DataError as e:
+                self._skip(e)
+                continue
             try:
                 self._check_text(tv)  # fail now, not mid-training
             except DataError as e:
-                if not skip_bad:
-                    raise
-                self.skipped[f"{type(e).__name__}: {e.problem}"] += len(keys)
-                log.warning("skipping %d episodes of %s: %s", len(keys), tv, e)
+                self._skip(e, len(keys))
                 continue
             for key in keys:
                 try:
                     ep = self.source.read_episode(tv, key)
+                    where = ep.extra.get("path") or self.where(tv)
+                    check_episode(ep, self.meta, cfg, where, key)
                 except DataError as e:
-                    if not skip_bad:
-                        raise
-                    self.skipped[f"{type(e).__name__}: {e.problem}"] += 1
-                    log.warning("skipping bad episode %s/%s: %s", tv, key, e)
+                    self._skip(e)
                     continue
                 self.index.extend((tv, key, t) for t in range(ep.num_keysteps))
-        if self.skipped:
-            log.warning("skipped %d bad episodes (--skip-bad): %s", sum(self.skipped.values()),
-                        dict(self.skipped))
 
     # ------------------------------------------------------------------------------------ text
     def _load_text(self, instructions, embeds) -> None:
@@ -162,7 +191,10 @@ class KeystepDataset(Dataset):
         ks = self.episode(tv, key).keystep(t, n_hist=self.n_hist, instruction=text, text_tokens=tokens)
         if self.transform is None:
             return ks
-        return self.transform(ks, rng)
+        try:
+            return self.transform(ks, rng)
+        except (ValueError, KeyError) as e:  # data-dependent: nothing left after removal, labels/boxes missing
+            raise DataError(f"keystep {t} of {tv}: {e}", self.where(tv), key) from e
 
     def summary(self) -> dict:
         tasks = sorted({parse_taskvar(tv)[0] for tv, _, _ in self.index})

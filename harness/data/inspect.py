@@ -12,6 +12,8 @@ from harness.data.errors import DataError
 from harness.data.formats import open_source, parse_taskvar
 from harness.data.formats.lotus_lmdb import LotusLmdbSource
 from harness.data.meta import resolve_meta
+from harness.data.transforms import TransformConfig
+from harness.data.validate import check_episode, check_length
 
 
 def _open(path: Path, split: str, kind: str, fmt: str | None):
@@ -20,33 +22,72 @@ def _open(path: Path, split: str, kind: str, fmt: str | None):
     return open_source(path, fmt)
 
 
+def _problem(e: DataError, taskvar: str | None = None) -> dict:
+    return {"taskvar": taskvar, "path": e.path, "key": e.key, "problem": e.problem}
+
+
 def inspect_dataset(path: str | os.PathLike, split: str = "train", kind: str = "voxel1cm",
                     fmt: str | None = None, max_episodes: int | None = None, skip_bad: bool = False) -> dict:
-    """Summary dict: format, tasks, variations, episodes, keysteps, points per cloud, cameras, image size.
+    """Summary dict: format, tasks, variations, episodes, keysteps, points per cloud, cameras, image size,
+    and ``problems`` (list of {taskvar, path, key, problem}).
 
-    Reads every episode (or the first ``max_episodes`` per task-variation) once. A bad episode raises
-    ``DataError`` unless ``skip_bad``; then it is counted under "skipped" (problem -> count).
+    Reads every episode (or the first ``max_episodes`` per task-variation) once and checks it as the
+    training dataset does (``harness.data.validate`` with the default transform settings). Missing data is
+    listed under ``problems`` and not counted as a task: a ``<task>+<var>`` folder without an LMDB, an LMDB
+    with no episodes, an episode with fewer than 2 keyframes. Any other bad episode or unreadable LMDB
+    raises ``DataError`` unless ``skip_bad``; then it is listed under ``problems`` too and counted under
+    "skipped" (problem -> count).
     """
     path = Path(path)
     src = _open(path, split, kind, fmt)
     meta, meta_source = resolve_meta(getattr(src, "path", path))
+    cfg = TransformConfig()
     tasks, variations, points = set(), set(), []
     episodes = keysteps = 0
     skipped: Counter = Counter()
+    problems: list[dict] = []
     cameras, image_size = None, None
+
+    def where(tv: str):
+        return src.taskvar_path(tv) if hasattr(src, "taskvar_path") else getattr(src, "path", path)
+
+    def bad(e: DataError, tv: str | None, missing: bool = False) -> None:
+        if not (missing or skip_bad):
+            raise e
+        problems.append(_problem(e, tv))
+        if not missing:
+            skipped[e.problem] += 1
+
+    for tv, e in (src.bad_taskvars() if hasattr(src, "bad_taskvars") else {}).items():
+        bad(e, tv, missing=True)
     for tv in src.taskvars():
-        task, var = parse_taskvar(tv)
-        tasks.add(task)
-        variations.add(tv)
-        keys = src.episode_keys(tv)
+        try:
+            keys = src.episode_keys(tv)
+        except DataError as e:
+            bad(e, tv)
+            continue
+        if not keys:
+            bad(DataError(f"task-variation {tv} holds no episodes (an empty LMDB?)", where(tv)), tv, missing=True)
+            continue
+        n_good = 0
         for key in keys[:max_episodes] if max_episodes else keys:
             try:
                 ep = src.read_episode(tv, key)
             except DataError as e:
-                if not skip_bad:
-                    raise
-                skipped[e.problem] += 1
+                bad(e, tv)
                 continue
+            loc = ep.extra.get("path") or where(tv)
+            try:
+                check_length(ep, loc, key)
+            except DataError as e:
+                bad(e, tv, missing=True)
+                continue
+            try:
+                check_episode(ep, meta, cfg, loc, key)
+            except DataError as e:
+                bad(e, tv)
+                continue
+            n_good += 1
             episodes += 1
             keysteps += ep.num_keysteps
             if ep.xyz is not None:
@@ -56,6 +97,9 @@ def inspect_dataset(path: str | os.PathLike, split: str = "train", kind: str = "
             if ep.rgb_images is not None:
                 cameras = int(ep.rgb_images.shape[1])
                 image_size = [int(ep.rgb_images.shape[2]), int(ep.rgb_images.shape[3])]
+        if n_good:
+            tasks.add(parse_taskvar(tv)[0])
+            variations.add(tv)
     fmt_name = src.name + (f":{src.kind}" if getattr(src, "kind", None) else "")
     return {
         "path": str(getattr(src, "path", path)),
@@ -73,6 +117,7 @@ def inspect_dataset(path: str | os.PathLike, split: str = "train", kind: str = "
         "image_size": image_size or (list(meta.image_size) if meta.image_size else None),
         "oracle_success": meta.oracle_success or None,
         "skipped": dict(skipped),
+        "problems": problems,
     }
 
 
@@ -85,7 +130,11 @@ def format_summary(s: dict) -> str:
         lines.append(f"  points per cloud: min {p['min']}  median {p['median']:.0f}  max {p['max']}")
     lines.append(f"  cameras: {s['cameras']}   image size: {s['image_size']}")
     if s.get("skipped"):
-        lines.append(f"  skipped {sum(s['skipped'].values())} bad episodes: {s['skipped']}")
+        lines.append(f"  skipped {sum(s['skipped'].values())} bad episodes or unreadable LMDBs: {s['skipped']}")
+    if s.get("problems"):
+        lines.append(f"  problems ({len(s['problems'])}):")
+        lines.extend(f"    {p['path']}" + (f" [{p['key']}]" if p["key"] else "") + f": {p['problem']}"
+                     for p in s["problems"])
     if s.get("oracle_success"):
         mean = float(np.mean(list(s["oracle_success"].values())))
         lines.append(f"  oracle keypose-replay success: {mean:.0%} mean; "

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,21 +60,38 @@ class DatasetMeta:
 
     @classmethod
     def from_dict(cls, d: dict, path: object = None) -> DatasetMeta:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Check ``d`` (a parsed meta.json) against this class's typed fields and build the metadata.
+
+        Every problem is collected and raised in one ``DataError`` naming each key: unknown keys, missing
+        required keys (``REQUIRED``: everything the transforms read), wrong types (no coercion: "0.01" is
+        not a number, and neither is true), wrong shapes and impossible values (lo >= hi, voxel_size <= 0).
+        """
+        if not isinstance(d, dict):
+            raise DataError(f"metadata must be a JSON object, got {type(d).__name__}", path)
+        hints = typing.get_type_hints(cls)
+        problems: dict[str, str] = {}
+        unknown = sorted(set(d) - set(hints))
         if unknown:
-            raise DataError(f"unknown metadata keys {unknown}; expected a subset of {sorted(known)}", path)
-        if "source" not in d:
-            raise DataError("metadata has no 'source' key", path, "source")
-        d = dict(d)
-        if "workspace_bounds" in d:
-            lo, hi = d["workspace_bounds"]
-            d["workspace_bounds"] = (tuple(float(v) for v in lo), tuple(float(v) for v in hi))
-        if "robot_base" in d:
-            d["robot_base"] = tuple(float(v) for v in d["robot_base"])
-        if d.get("image_size") is not None:
-            d["image_size"] = tuple(int(v) for v in d["image_size"])
-        return cls(**d)
+            problems[",".join(unknown)] = (f"{', '.join(unknown)}: unknown metadata key"
+                                           f"{'s' if len(unknown) > 1 else ''} {unknown}; expected a subset "
+                                           f"of {sorted(hints)}")
+        for name in REQUIRED:
+            if name not in d:
+                problems[name] = f"{name}: required but missing (the transforms read it; no default is assumed)"
+        values = {}
+        for name, value in d.items():
+            if name not in hints:
+                continue
+            try:
+                values[name] = _conform(value, hints[name], name)
+                _check_value(name, values[name])
+            except _SchemaError as e:
+                problems[name] = str(e)
+        if problems:
+            listing = "; ".join(problems.values())
+            raise DataError(f"metadata does not match the DatasetMeta schema ({len(problems)} problem"
+                            f"{'s' if len(problems) > 1 else ''}): {listing}", path, ",".join(problems))
+        return cls(**values)
 
     def save(self, root: str | os.PathLike) -> Path:
         """Write ``meta.json`` into ``root`` atomically; returns its path."""
@@ -91,6 +111,80 @@ class DatasetMeta:
         except json.JSONDecodeError as e:
             raise DataError(f"metadata is not valid JSON: {e}", path) from None
         return cls.from_dict(d, path)
+
+
+# Everything a transform or reader reads: a meta.json must state it (a silent default means another crop).
+REQUIRED = ("source", "workspace_bounds", "table_height", "table_margin", "robot_base", "voxel_size",
+            "robot_labels", "gripper_labels", "robot_link_boxes")
+
+
+class _SchemaError(Exception):
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+
+
+def _describe(value) -> str:
+    return f"{value!r:.60} ({type(value).__name__})"
+
+
+def _conform(value, hint, key: str):
+    """``value`` checked against the type ``hint`` (float, int, str, dict, X | None, tuple[...], list[X],
+    dict[K, V]) and converted (tuples for tuples, float for float); raises ``_SchemaError`` naming the
+    sub-key (``workspace_bounds[1][2]``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _conform(value, inner, key)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _SchemaError(key, f"must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise _SchemaError(key, f"must be finite, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _SchemaError(key, f"must be an integer, got {_describe(value)}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise _SchemaError(key, f"must be a string, got {_describe(value)}")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _SchemaError(key, f"must be an object, got {_describe(value)}")
+        if not args:
+            return dict(value)
+        return {_conform(k, args[0], f"{key} key {k!r}"): _conform(v, args[1], f"{key}[{k!r}]")
+                for k, v in value.items()}
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _SchemaError(key, f"must be a list, got {_describe(value)}")
+        if origin is list:
+            return [_conform(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        if len(value) != len(args):
+            raise _SchemaError(key, f"must have {len(args)} entries, got {len(value)}: {value!r:.80}")
+        return tuple(_conform(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"no schema rule for {hint!r} ({key})")  # a new field type: teach _conform
+
+
+def _check_value(name: str, value) -> None:
+    """Constraints beyond the type, on an already conformed ``value``."""
+    if name == "workspace_bounds":
+        lo, hi = value
+        bad = [axis for axis, a, b in zip("xyz", lo, hi) if not a < b]
+        if bad:
+            raise _SchemaError("workspace_bounds", f"must be [[xmin, ymin, zmin], [xmax, ymax, zmax]] with "
+                               f"min < max, but {', '.join(bad)} has min >= max: {[list(lo), list(hi)]}")
+    elif name == "voxel_size" and not value > 0:
+        raise _SchemaError("voxel_size", f"must be > 0 metres, got {value!r}")
+    elif name == "table_margin" and value < 0:
+        raise _SchemaError("table_margin", f"must be >= 0 metres, got {value!r}")
+    elif name == "image_size" and value is not None and min(value) <= 0:
+        raise _SchemaError("image_size", f"must be two positive integers [H, W], got {list(value)}")
+    elif name == "source" and not value:
+        raise _SchemaError("source", "must be a non-empty string")
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from harness.data.errors import DataError
+from harness.runlock import lock_holder
 
 FIELDS = [
     ("status", lambda r: r.get("status")),
@@ -45,11 +46,14 @@ def load_runs(run_dirs: list[str]) -> list[dict]:
     for d in run_dirs:
         path = Path(d) / "record.json"
         try:
-            runs.append({"dir": str(d), **json.loads(path.read_text())})
+            run = {"dir": str(d), **json.loads(path.read_text())}
         except FileNotFoundError:
             raise DataError("no record.json in this run folder", path) from None
         except json.JSONDecodeError as e:
             raise DataError(f"record.json is not valid JSON: {e}", path) from None
+        if run.get("status") == "running" and lock_holder(d) is None:
+            run["status"] = "died"  # the record says running but no live process owns the folder
+        runs.append(run)
     return runs
 
 

@@ -7,6 +7,7 @@ module, about 15 s on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -123,6 +124,24 @@ def test_layout(suite):
     for task in TASKS:
         assert summary["tasks"][task]["oracle"] == meta.oracle_success[task]
         assert summary["tasks"][task]["episodes"] == expected
+
+
+def test_suite_passes_the_bad_input_checks(suite):
+    """meta.json matches the schema; every episode of every split and kind passes the value checks
+    (unit quaternions, poses near the workspace, gripper in [0, 1], clouds left after crop and table
+    removal); inspect reports no problems."""
+    from harness.data.dataset import KeystepDataset
+    from harness.data.inspect import inspect_dataset
+    from harness.data.transforms import TransformConfig
+
+    out, _ = suite
+    assert DatasetMeta.from_dict(json.loads((out / "meta.json").read_text())) == DatasetMeta.load(out)
+    for split in SPLITS:
+        for kind in KINDS:
+            ds = KeystepDataset(out, split=split, kind=kind, transform=TransformConfig(num_points=256))
+            assert len(ds) > 0 and not ds.skipped, (split, kind, ds.skipped)
+            s = inspect_dataset(out, split=split, kind=kind)
+            assert s["problems"] == [] and s["keysteps"] == len(ds), (split, kind)
 
 
 def test_oracle_replays_succeed(suite):

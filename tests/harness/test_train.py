@@ -63,7 +63,16 @@ def _kill_after_checkpoint(overrides, run_dir: Path, sig: int) -> int:
     return proc.returncode
 
 
-@pytest.mark.parametrize("sig, extra", [(signal.SIGKILL, {}), (signal.SIGTERM, {"ema_decay": 0.9})])
+def _metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv without the wall-clock column (the only one a resume may change)."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in csv.DictReader(f)]
+
+
+# Evaluations (every 8) and checkpoints (every 5) out of step: a resume always lands between two
+# evaluations, so metrics.csv's loss means must come from the checkpointed step log, not the session.
+@pytest.mark.parametrize("sig, extra", [(signal.SIGKILL, {"eval_every": 8, "ckpt_every": 5}),
+                                        (signal.SIGTERM, {"ema_decay": 0.9})])
 def test_resume_after_kill_equals_uninterrupted_run(train_data, tmp_path, sig, extra):
     straight = tmp_path / "straight"
     done = _run(_overrides(train_data, straight, **extra))
@@ -81,6 +90,8 @@ def test_resume_after_kill_equals_uninterrupted_run(train_data, tmp_path, sig, e
     a = json.loads((straight / "record.json").read_text())
     b = json.loads((resumed / "record.json").read_text())
     assert b["status"] == "done" and b["final_metrics"] == a["final_metrics"]
+    assert _metric_rows(resumed) == _metric_rows(straight)
+    assert [int(r["step"]) for r in _metric_rows(straight)] == ([8, 16, 20] if sig == signal.SIGKILL else [10, 20])
 
 
 def _cfg(data: Path, **train) -> RunConfig:
@@ -160,6 +171,13 @@ def test_data_without_instruction_embeddings_is_refused(tmp_path, synth):
     cfg = _cfg(root)
     with pytest.raises(Exception, match="embedding"):
         run_training(cfg, tmp_path / "run")
+
+
+def test_cli_batch_larger_than_the_data_is_one_clear_line(train_data, tmp_path):
+    out = _run(_overrides(train_data, tmp_path / "r", B=1000))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "mdh train: error: train.B=1000 but data.path=" in out.stderr and "fewer than one batch" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_cli_bad_override_is_one_clear_line(train_data, tmp_path):

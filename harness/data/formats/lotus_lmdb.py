@@ -41,7 +41,7 @@ def unpack(data: bytes, path: object = None, key: object = None) -> dict:
     """Decode one episode value; a corrupt record raises DataError naming the LMDB and key."""
     try:
         value = msgpack.unpackb(data, object_hook=msgpack_numpy.decode, raw=False, strict_map_key=False)
-    except Exception as e:  # msgpack raises several unrelated types for corrupt input
+    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types for corrupt input
         raise DataError(f"cannot decode msgpack value ({type(e).__name__}: {e})", path, key) from None
     if not isinstance(value, dict):
         raise DataError(f"episode value is a {type(value).__name__}, expected a dict", path, key)
@@ -82,31 +82,58 @@ class LmdbWriter:
 # the parent's record of open environments. So every reader in a process shares one read-only handle per
 # LMDB (two datasets over one folder work), and a forked child closes the handles it inherited before
 # opening its own.
-_READ_ENVS: dict[str, tuple[tuple[int, int], lmdb.Environment]] = {}
+_READ_ENVS: dict[str, tuple[tuple[int, int], lmdb.Environment, int]] = {}
 _READ_ENVS_PID = os.getpid()
 
 
+def _needed_size(env: lmdb.Environment) -> int:
+    """Bytes a complete data file holds: pages 0 .. last_pgno (both read from the meta pages)."""
+    return (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+
+
+def _truncated(data: str, size: int, needed: int) -> DataError:
+    return DataError(f"LMDB data file is truncated: {size} bytes, but its last page ends at byte {needed} "
+                     "(an interrupted copy or download?); re-copy or regenerate this LMDB", data)
+
+
 def open_readonly(path: str | os.PathLike) -> lmdb.Environment:
-    """The process's shared read-only handle on the LMDB folder ``path`` (opened on first use)."""
+    """The process's shared read-only handle on the LMDB folder ``path`` (opened on first use).
+
+    A ``data.mdb`` shorter than its last page raises ``DataError`` before any value is read: LMDB maps
+    the file, and touching a page past its end kills the process with SIGBUS. The size is re-checked on
+    every call (one ``stat``), so a file cut while its handle is cached is caught too.
+    """
     global _READ_ENVS_PID
     if _READ_ENVS_PID != os.getpid():
-        for _, env in _READ_ENVS.values():
+        for _, env, _ in _READ_ENVS.values():
             env.close()
         _READ_ENVS.clear()
         _READ_ENVS_PID = os.getpid()
     real = os.path.realpath(path)
+    data = os.path.join(real, "data.mdb")
     try:
-        st = os.stat(os.path.join(real, "data.mdb"))
-        ident = (st.st_dev, st.st_ino)  # a folder replaced since it was opened gets a fresh handle
+        st = os.stat(data)
     except OSError:
-        ident = (0, 0)
+        raise DataError("LMDB folder has no data.mdb file", data) from None
+    ident = (st.st_dev, st.st_ino)  # a folder replaced since it was opened gets a fresh handle
     cached = _READ_ENVS.get(real)
     if cached is not None and cached[0] == ident:
+        if st.st_size < cached[2]:
+            close_readonly(real)
+            raise _truncated(data, st.st_size, cached[2])
         return cached[1]
     if cached is not None:
-        cached[1].close()
-    env = lmdb.open(real, readonly=True, lock=False, readahead=False)
-    _READ_ENVS[real] = (ident, env)
+        close_readonly(real)
+    try:
+        # lmdb reads its two meta pages with pread: a file shorter than that fails here, not with SIGBUS
+        env = lmdb.open(real, readonly=True, lock=False, readahead=False)
+    except lmdb.Error as e:
+        raise DataError(f"cannot open LMDB ({st.st_size} bytes): {e}", data) from None
+    needed = _needed_size(env)
+    if st.st_size < needed:
+        env.close()
+        raise _truncated(data, st.st_size, needed)
+    _READ_ENVS[real] = (ident, env, needed)
     return env
 
 
@@ -249,6 +276,21 @@ def is_lmdb_dir(p: Path) -> bool:
     return (p / "data.mdb").is_file()
 
 
+def is_taskvar_name(name: str) -> bool:
+    """True for folder names of the form ``<task>+<variation>`` (what an LMDB folder is called)."""
+    task, sep, var = name.rpartition("+")
+    return bool(sep and task and var.isdigit())
+
+
+def _lmdb_candidates(path: Path) -> list[Path]:
+    """Visible sub-folders that hold an LMDB or are named like one (an empty ``<task>+<var>`` folder)."""
+    try:
+        subdirs = [p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    except OSError:
+        return []
+    return [p for p in subdirs if is_lmdb_dir(p) or is_taskvar_name(p.name)]
+
+
 def episode_from_value(value: dict, taskvar: str, key: str, path=None) -> Episode:
     """Decode one value of either kind into an ``Episode``, validating shapes and finiteness."""
     task, var = parse_taskvar(taskvar, path)
@@ -288,13 +330,18 @@ class LotusLmdbSource:
         path = Path(path)
         if not path.is_dir():
             raise DataError("data folder does not exist", path)
-        if not any(is_lmdb_dir(p) for p in path.iterdir() if p.is_dir()) and (path / split / kind).is_dir():
+        if not _lmdb_candidates(path) and (path / split / kind).is_dir():
             path = path / split / kind
         self.path = path
-        self._taskvars = sorted((p.name for p in path.iterdir() if p.is_dir() and is_lmdb_dir(p)),
-                                key=natural_key)
+        found = sorted(_lmdb_candidates(path), key=lambda p: natural_key(p.name))
+        self._taskvars = [p.name for p in found if is_lmdb_dir(p)]
+        # named like an LMDB but without data.mdb (an empty folder, an interrupted copy): reported, not listed
+        self._bad: dict[str, DataError] = {
+            p.name: DataError("task-variation folder has no data.mdb (empty, or not an LMDB)", p)
+            for p in found if not is_lmdb_dir(p)}
         if not self._taskvars:
-            raise DataError("no <task>+<variation> LMDB folders (with data.mdb) found", path)
+            empty = f"; folders without data.mdb: {sorted(self._bad)}" if self._bad else ""
+            raise DataError(f"no <task>+<variation> LMDB folders (with data.mdb) found{empty}", path)
         for tv in self._taskvars:
             parse_taskvar(tv, path / tv)
         self._keys: dict[str, list[str]] = {}
@@ -305,32 +352,47 @@ class LotusLmdbSource:
         path = Path(path)
         if not path.is_dir():
             return False
-        if any(is_lmdb_dir(p) for p in path.iterdir() if p.is_dir()):
+        if _lmdb_candidates(path):
             return True
         return (path / "train" / VOXEL).is_dir() or (path / "train" / KEYSTEPS).is_dir()
 
     def _env(self, taskvar: str) -> lmdb.Environment:
         # The process-wide read-only handle, opened lazily (DataLoader workers re-open after fork).
         if taskvar not in self._taskvars:
+            if taskvar in self._bad:
+                raise self._bad[taskvar]
             raise DataError(f"unknown task-variation {taskvar!r}; available: {self._taskvars}", self.path)
-        try:
-            return open_readonly(self.path / taskvar)
-        except lmdb.Error as e:
-            raise DataError(f"cannot open LMDB: {e}", self.path / taskvar) from None
+        return open_readonly(self.path / taskvar)
+
+    def bad_taskvars(self) -> dict[str, DataError]:
+        """Task-variation folders that hold no LMDB (not in ``taskvars()``), each with its problem."""
+        return dict(self._bad)
+
+    def taskvar_path(self, taskvar: str) -> Path:
+        """The LMDB folder of ``taskvar`` (where its problems are reported)."""
+        return self.path / taskvar
 
     def taskvars(self) -> list[str]:
         return list(self._taskvars)
 
     def episode_keys(self, taskvar: str) -> list[str]:
         if taskvar not in self._keys:
-            with self._env(taskvar).begin() as txn:
-                keys = [k.decode("ascii") for k in txn.cursor().iternext(keys=True, values=False)]
+            try:
+                with self._env(taskvar).begin() as txn:
+                    keys = [k.decode("ascii") for k in txn.cursor().iternext(keys=True, values=False)]
+            except (lmdb.Error, UnicodeDecodeError) as e:
+                raise DataError(f"cannot list the LMDB's keys ({type(e).__name__}: {e})",
+                                self.path / taskvar / "data.mdb") from None
             self._keys[taskvar] = sorted(keys, key=natural_key)
         return self._keys[taskvar]
 
     def read_value(self, taskvar: str, key: str) -> dict:
-        with self._env(taskvar).begin() as txn:
-            data = txn.get(key.encode("ascii"))
+        try:
+            with self._env(taskvar).begin() as txn:
+                data = txn.get(key.encode("ascii"))
+        except lmdb.Error as e:
+            raise DataError(f"cannot read the LMDB value ({type(e).__name__}: {e})",
+                            self.path / taskvar / "data.mdb", key) from None
         if data is None:
             raise DataError(f"episode key not found; available: {self.episode_keys(taskvar)[:10]}...",
                             self.path / taskvar, key)
