@@ -13,9 +13,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from harness.data.errors import DataError
 from harness.data.meta import write_json_atomic
+from harness.safe_pickle import safe_load
 
 
 def write_taskvars(path: str | os.PathLike, taskvars: list[str]) -> None:
@@ -51,12 +53,32 @@ def write_instr_embeds(path: str | os.PathLike, embeds: dict[str, np.ndarray]) -
 
 
 def read_instr_embeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read ``instr_embeds_*.npy`` -> {instruction: (n_tokens, D) float32}.
+
+    The file is an ``np.save``-d dict, i.e. a pickle after the .npy header. It is never given to
+    ``np.load(allow_pickle=True)``, which runs whatever the pickle holds: the header is parsed with
+    ``numpy.lib.format`` and the pickle goes to the restricted unpickler (``harness.safe_pickle``).
+    """
     path = Path(path)
     try:
-        value = np.load(path, allow_pickle=True)
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+            # 3.0 only differs for non-latin1 field names, so never holds the pickled dict
+            shape, _, dtype = header[version](f) if version in header else (None, None, None)
+            if dtype is not None and dtype.hasobject:
+                value = safe_load(f, path=path)
+                if not isinstance(value, np.ndarray) or value.shape != shape:
+                    raise DataError(f"the pickle after the .npy header is not the {shape} array it announces",
+                                    path)
+            else:
+                f.seek(0)
+                value = npy_format.read_array(f, allow_pickle=False)
     except FileNotFoundError:
         raise DataError("instruction embedding file not found", path) from None
-    except Exception as e:
+    except DataError as e:  # a refused global: keep its words, which name it
+        raise DataError(f"cannot load instruction embeddings ({e.problem})", path, e.key) from None
+    except (OSError, ValueError, TypeError, EOFError, MemoryError) as e:  # not an .npy file, or truncated
         raise DataError(f"cannot load instruction embeddings ({type(e).__name__}: {e})", path) from None
     value = value.item() if value.dtype == object and value.shape == () else value
     if not isinstance(value, dict):

@@ -18,12 +18,8 @@ Only the keyframes' PNGs are decoded: ``[0] + peract_keyposes(gripper_open, join
 
 from __future__ import annotations
 
-import collections
-import copyreg
 import os
-import pickle
 import re
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +31,7 @@ from harness.data.episode import Episode
 from harness.data.errors import DataError
 from harness.data.formats import natural_key, parse_taskvar, register_source
 from harness.data.keyposes import peract_keyposes
+from harness.safe_pickle import SafeUnpickler, safe_load
 
 PERACT_CAMERAS = ("left_shoulder", "right_shoulder", "wrist", "front")
 LOW_DIM_FILE = "low_dim_obs.pkl"
@@ -71,77 +68,26 @@ _STANDINS = {
     ("rlbench.backend.observation", "Observation"): Observation,
     ("rlbench.demo", "Demo"): Demo,
 }
-# RLBench pickles hold only numpy arrays/scalars, builtin containers and the two classes above; refusing any
-# other global keeps a hostile or foreign pickle from calling arbitrary code.
-_NUMPY_NAMES = {"_reconstruct", "scalar", "ndarray", "dtype", "_frombuffer"}
-_SAFE_GLOBALS = {
-    ("builtins", n) for n in ("set", "frozenset", "slice", "complex", "range", "bytearray", "bytes", "object",
-                              "int", "float", "str", "list", "dict", "tuple", "bool")
-} | {("copyreg", "_reconstructor"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
-     ("collections", "deque"), ("__builtin__", "object"), ("copy_reg", "_reconstructor")}
-_SAFE_OBJECTS = {("copyreg", "_reconstructor"): copyreg._reconstructor,
-                 ("copy_reg", "_reconstructor"): copyreg._reconstructor,
-                 ("collections", "OrderedDict"): collections.OrderedDict,
-                 ("collections", "defaultdict"): collections.defaultdict,
-                 ("collections", "deque"): collections.deque}
+# RLBench pickles hold only numpy arrays/scalars, builtin containers and the two classes above; the project's
+# restricted unpickler (harness.safe_pickle) refuses every other global, so a hostile pickle runs no code.
+_REFUSAL_HINT = "; RLBench files hold numpy arrays, builtin containers and rlbench Observation/Demo only"
 
 
-class RLBenchUnpickler(pickle.Unpickler):
-    """Unpickler for RLBench files: maps ``Observation``/``Demo`` to the local stand-ins.
+class RLBenchUnpickler(SafeUnpickler):
+    """``SafeUnpickler`` that maps rlbench ``Observation``/``Demo`` to the local stand-ins.
 
-    Any other ``rlbench``/``pyrep`` global, or any global outside numpy's array machinery and a few safe
-    builtins, raises ``DataError`` naming ``path`` (and ``key``).
+    Any other global raises ``DataError`` naming ``path`` (and ``key``) and the refused ``module.name``.
     """
 
     def __init__(self, file, path: object = None, key: object = None):
-        super().__init__(file)
-        self.path = path
-        self.key = key
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _STANDINS:
-            return _STANDINS[(module, name)]
-        root = module.split(".")[0]
-        if root in ("rlbench", "pyrep"):
-            raise DataError(f"pickle refers to {module}.{name}; only rlbench Observation and Demo can be "
-                            "loaded without RLBench", self.path, self.key)
-        if root == "numpy" and (name in _NUMPY_NAMES or module == "numpy.dtypes"):
-            if module.startswith("numpy.core"):
-                # numpy 2 renamed numpy.core to numpy._core; the old name only survives as a deprecated alias
-                try:
-                    return super().find_class("numpy._core" + module[len("numpy.core"):], name)
-                except (ImportError, AttributeError):
-                    pass
-            return super().find_class(module, name)
-        if root == "numpy" and module == "numpy":
-            obj = getattr(np, name, None)
-            if isinstance(obj, type) and issubclass(obj, np.generic):
-                return obj
-        if (module, name) in _SAFE_OBJECTS:
-            return _SAFE_OBJECTS[(module, name)]
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise DataError(f"pickle refers to {module}.{name}, which is not allowed in RLBench data "
-                        "(numpy arrays, builtins, Observation and Demo only)", self.path, self.key)
-
-
-# What a truncated or garbled pickle can raise while loading.
-_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
-                    TypeError, ValueError, OverflowError, MemoryError, RecursionError, OSError, struct.error)
+        super().__init__(file, allowed_extra=_STANDINS, path=path, key=key, hint=_REFUSAL_HINT)
 
 
 def load_pickle(path: str | os.PathLike, key: object = None) -> object:
-    """Unpickle an RLBench file with ``RLBenchUnpickler``. Missing or unreadable file -> ``DataError``."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return RLBenchUnpickler(f, path, key).load()
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError("file not found", path, key) from None
-    except _UNPICKLE_ERRORS as e:  # corrupt pickles raise anything from EOFError to MemoryError
-        raise DataError(f"cannot unpickle ({type(e).__name__}: {e})", path, key) from None
+    """Unpickle an RLBench file with the restricted unpickler (``harness.safe_pickle``) and the stand-ins.
+
+    Missing, unreadable or unsafe file -> ``DataError``."""
+    return safe_load(Path(path), allowed_extra=_STANDINS, key=key, hint=_REFUSAL_HINT)
 
 
 def load_demo(path: str | os.PathLike, key: object = None) -> Demo:
