@@ -34,14 +34,13 @@ from harness.data.transforms import TransformConfig
 from harness.diffusion import SamplerConfig, make_sampler
 from harness.evaluate.offline import evaluate_policy
 from harness.fingerprint import config_differences, fingerprint, semantic_config
-from harness.level2 import level2_losses
 from harness.measure.cost import cost_summary
 from harness.measure.memory import MemoryMonitor
 from harness.measure.timing import StepTimer
-from harness.optim import make_optimizer
 from harness.policy import build_policy
 from harness.record import DiskFullError, RunRecord, disk_full_path, remove_stale_temporaries
 from harness.runlock import RunLock
+from harness.train_step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +270,7 @@ def lock_owner_fields() -> dict:
 def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_path: Path, device,
            fp: str, semantic: dict, identity: dict, last_good: dict) -> dict:
     t = cfg.train
-    opt, lr_sched = make_optimizer(policy, t)
-    ema = None
-    if t.ema_decay is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    trainer = TrainStep(policy, t, device)
     timer = StepTimer(warmup_steps=min(5, max(0, t.steps - 1)), device=device)
     step, step_rows, metric_rows, wall_before = 0, [], [], 0.0
     seed_everything(t.seed + 1)  # training draws (Level-2 noise, dropout) independent of how the model was built
@@ -288,10 +282,7 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                               f"{cfg.data.path!r} holds now ({ckpt_path}): "
                               f"{'; '.join(config_differences(state['data_identity'], identity))}")
         policy.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        trainer.load_state_dict(state)
         timer.load_state_dict(state["timer"])
         step, step_rows, metric_rows = state["step"], state["step_rows"], state["metric_rows"]
         wall_before = state["wall_time_s"]
@@ -304,7 +295,6 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                         num_workers=cfg.data.workers, collate_fn=collate_keysteps,
                         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
                         pin_memory=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and t.bf16)
     stop = {"signum": None}
 
     def on_signal(signum, frame):
@@ -318,8 +308,7 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {
-            "model": policy.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "timer": timer.state_dict(), "step": step,
+            "model": policy.state_dict(), **trainer.state_dict(), "timer": timer.state_dict(), "step": step,
             "step_rows": step_rows, "metric_rows": metric_rows, "wall_time_s": wall(), "rng": rng_state(),
             "fingerprint": fp, "semantic_config": semantic, "data_identity": identity})
         last_good["step"] = step
@@ -343,16 +332,7 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
             while step < t.steps:
                 batch = batch_to(next(data_iter), device)
                 timer.start()
-                with autocast:
-                    losses = level2_losses(policy, batch, t.M)
-                losses["total"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                lr = lr_sched.get_last_lr()[0]
-                lr_sched.step()
-                if ema is not None:
-                    ema.update_parameters(policy)
+                losses, grad_norm, lr = trainer.step(batch, t.M)
                 dt = timer.stop()
                 step += 1
                 row = {"step": step, "loss": float(losses["total"].detach()), "lr": lr, "grad_norm": float(grad_norm),
@@ -365,7 +345,7 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                 if step % t.eval_every == 0 or step == t.steps:
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         gen = torch.Generator(device=device).manual_seed(t.seed)
-                        metrics = evaluate_policy(ema.module if ema is not None else policy, evals, sampler,
+                        metrics = evaluate_policy(trainer.eval_model, evals, sampler,
                                                   device, generator=gen)
                     means = mean_losses_since(step_rows, metric_rows[-1]["step"] if metric_rows else 0)
                     metric_rows.append({"step": step, **means, "wall_time_s": wall(), "lr": lr,

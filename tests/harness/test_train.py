@@ -82,7 +82,7 @@ def test_resume_after_kill_equals_uninterrupted_run(train_data, tmp_path, sig, e
     assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
     record = json.loads((resumed / "record.json").read_text())
     assert record["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
-    assert record["steps_done"] < 20
+    assert record.get("steps_done", 0) < 20  # absent when killed between the first checkpoint and its record
     again = _run(_overrides(train_data, resumed, **extra))
     assert again.returncode == 0, again.stderr[-3000:]
     assert _losses(resumed) == _losses(straight)
