@@ -81,6 +81,12 @@ def _add_bench_step(bsub) -> None:
     s.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--data", metavar="PATH", default=None,
+                   help="time real batches from this dataset (pre-loaded, not timed); default: synthetic")
+    s.add_argument("--split", default="train", help="with --data: which split (default train)")
+    s.add_argument("--kind", default="voxel1cm", choices=["voxel1cm", "keysteps"], help="with --data")
+    s.add_argument("--data-batches", type=int, default=8,
+                   help="with --data: how many distinct batches each M cycles through (default 8)")
     s.add_argument("--json", action="store_true", help="print a JSON list of objects")
 
 
@@ -145,12 +151,19 @@ def _bench(args) -> int:
                   f"{r['num_points']} points; dataset {r['keysteps']} keysteps)")
         return 0
     if args.bench_cmd == "step":
-        from harness.bench.step import bench_step, format_table
+        from harness.bench.step import BenchInputError, bench_step, format_table
 
         if args.B < 1:
             raise SystemExit("mdh bench step: --B must be >= 1")
-        results = bench_step(args.model, args.preset, args.B, args.M, steps=args.steps, warmup=args.warmup,
-                             device=args.device)
+        if args.data_batches < 1:
+            raise SystemExit("mdh bench step: --data-batches must be >= 1")
+        try:
+            results = bench_step(args.model, args.preset, args.B, args.M, steps=args.steps, warmup=args.warmup,
+                                 device=args.device, data=args.data, split=args.split, kind=args.kind,
+                                 n_batches=args.data_batches)
+        except (BenchInputError, DataError) as e:
+            print(f"mdh bench step: error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(results) if args.json else format_table(results))
         return 0
     raise AssertionError(args.bench_cmd)

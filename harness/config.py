@@ -18,12 +18,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """``name``: a registered policy; ``preset``: its preset; ``options``: config fields of the policy
-    (the ablation switches, e.g. ``model.options.rope3d=false``), validated by the policy's own schema."""
+    """``name``: a registered policy (``model=<name>`` picks its typed schema, harness/model_schemas.py);
+    ``preset``: one of its presets (null: the policy's default preset); ``options``: fields of the policy's
+    own config dataclass (the ablation switches, e.g. ``model.options.rope3d=false``); null = the preset's
+    value. From Python, ``options`` may be a plain dict."""
 
     name: str = "minidiffuser"
-    preset: str = "small"
-    options: dict[str, Any] = field(default_factory=dict)
+    preset: Optional[str] = None
+    options: Any = field(default_factory=dict)
 
 
 @dataclass

@@ -29,6 +29,8 @@ from harness.config import ConfigError, RunConfig, validate_config
 from harness.data.collate import batch_to, collate_keysteps
 from harness.data.dataset import KeystepDataset
 from harness.data.errors import DataError
+from harness.data.formats.instructions import find_instruction_files, read_instr_embeds
+from harness.data.meta import resolve_meta
 from harness.data.sampler import ResumableBatchSampler
 from harness.data.transforms import TransformConfig
 from harness.diffusion import SamplerConfig, make_sampler
@@ -37,7 +39,7 @@ from harness.fingerprint import config_differences, fingerprint, semantic_config
 from harness.measure.cost import cost_summary
 from harness.measure.memory import MemoryMonitor
 from harness.measure.timing import StepTimer
-from harness.policy import build_policy
+from harness.policy import DataInfo, InputSpec, build_policy, get_policy, options_to_overrides
 from harness.record import DiskFullError, RunRecord, disk_full_path, remove_stale_temporaries
 from harness.runlock import RunLock
 from harness.train_step import TrainStep
@@ -76,8 +78,8 @@ def git_commit() -> str | None:
 
 
 def model_options(cfg: RunConfig) -> dict:
-    """``model.options`` without the null entries (null = keep the preset's value)."""
-    return {k: v for k, v in dict(cfg.model.options).items() if v is not None}
+    """``model.options`` without the null entries (null = keep the preset's value), nested."""
+    return options_to_overrides(cfg.model.options)
 
 
 def seed_everything(seed: int) -> None:
@@ -86,53 +88,80 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run_policy(cfg: RunConfig):
+def dataset_info(cfg: RunConfig) -> DataInfo:
+    """Facts of the dataset at ``data.path`` that a policy is built with, read before the policy exists:
+    the metadata, the instruction embedding width, whether camera images are stored."""
+    d = cfg.data
+    path = Path(d.path).expanduser()
     try:
-        return build_policy(cfg.model.name, preset=cfg.model.preset, **model_options(cfg))
+        meta, _ = resolve_meta(path, d.meta_preset)
+        embeds = Path(d.embeds) if d.embeds else find_instruction_files(path).get("embeds")
+        widths = {int(v.shape[1]) for v in read_instr_embeds(embeds).values()} if embeds else set()
+    except DataError as e:
+        raise ConfigError(f"data.path={d.path!r}: {e}") from None
+    if len(widths) > 1:
+        raise ConfigError(f"instruction embeddings in {embeds} have several widths {sorted(widths)}")
+    return DataInfo(meta=meta, text_dim=widths.pop() if widths else None, has_images=d.kind == "keysteps")
+
+
+def build_run_policy(cfg: RunConfig, info: DataInfo | None = None):
+    """The policy of ``cfg.model`` built with the dataset facts ``info``; bad names, presets, options or a
+    mismatch with the data -> ``ConfigError``."""
+    try:
+        entry = get_policy(cfg.model.name)
+        config = entry.make_config(cfg.model.preset, **model_options(cfg))
+        return build_policy(cfg.model.name, config, info)
     except (KeyError, ValueError, TypeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise ConfigError(f"model={cfg.model.name} model.preset={cfg.model.preset} "
-                          f"model.options={model_options(cfg)}: {e}") from None
+                          f"model.options={model_options(cfg)}: {message}") from None
+
+
+def transform_for(spec: InputSpec, cfg: RunConfig, train: bool) -> TransformConfig:
+    """The transform a policy's input spec asks for (``data.num_points`` overrides the cloud size)."""
+    return TransformConfig(num_points=cfg.data.num_points or spec.num_points or 4000, train=train,
+                           images=spec.modality == "images")
 
 
 def build_datasets(cfg: RunConfig, policy) -> tuple[KeystepDataset, KeystepDataset, str]:
-    """(train dataset, evaluation dataset, name of the evaluated split)."""
+    """(train dataset, evaluation dataset, name of the evaluated split), transformed as the policy's input
+    spec asks."""
     d = cfg.data
-    num_points = d.num_points or getattr(policy.cfg, "num_points", 4000)
+    spec = policy.input_spec
+    if spec.modality == "images" and d.kind != "keysteps":
+        raise ConfigError(f"model {cfg.model.name} reads camera images but data.kind={d.kind!r} holds point "
+                          "clouds only; use data.kind=keysteps")
     common = dict(kind=d.kind, meta_preset=d.meta_preset, instructions=d.instructions, embeds=d.embeds,
-                  taskvars=d.taskvars, skip_bad=d.skip_bad, seed=cfg.train.seed)
+                  taskvars=d.taskvars, skip_bad=d.skip_bad, seed=cfg.train.seed, n_hist=spec.n_hist,
+                  require_text=spec.text_dim is not None)
     path = Path(d.path).expanduser()
-    train = KeystepDataset(path, split=d.split, transform=TransformConfig(num_points=num_points), **common)
+    train = KeystepDataset(path, split=d.split, transform=transform_for(spec, cfg, True), **common)
     eval_split = d.val_split if (path / d.val_split / d.kind).is_dir() else d.split
     if eval_split == d.split:
         log.warning("no held-out split %r under %s: evaluating on %r without augmentation", d.val_split, path,
                     d.split)
-    evalset = KeystepDataset(path, split=eval_split,
-                             transform=TransformConfig(num_points=num_points, train=False), **common)
+    evalset = KeystepDataset(path, split=eval_split, transform=transform_for(spec, cfg, False), **common)
     check_dataset_fits_policy(train, policy, cfg)
     return train, evalset, eval_split
 
 
 def check_dataset_fits_policy(ds: KeystepDataset, policy, cfg: RunConfig) -> None:
-    """The data must hold what the model reads, with the widths it expects."""
+    """The data must deliver what the policy's input spec names (keys, shapes, dtypes, text width)."""
     if len(ds) == 0:
         raise ConfigError(f"data.path={cfg.data.path!r} holds no keysteps")
     if len(ds) < cfg.train.B:
         raise ConfigError(f"train.B={cfg.train.B} but data.path={cfg.data.path!r} (split {cfg.data.split!r}) "
                           f"holds {len(ds)} training keysteps, fewer than one batch; lower train.B")
-    item = ds[0]
-    requires = getattr(policy, "requires", ("points", "text_tokens"))
-    if "images" in requires and getattr(ds.episode(*ds.index[0][:2]), "rgb_images", None) is None:
-        raise ConfigError(f"model {cfg.model.name} needs camera images but data.path={cfg.data.path!r} "
-                          f"(data.kind={cfg.data.kind}) holds point clouds only; use data.kind=keysteps")
-    if "text_tokens" in requires:
-        tokens = item.get("text_tokens")
-        if tokens is None:
-            raise ConfigError(f"model {cfg.model.name} needs instruction embeddings; none found beside "
-                              f"{cfg.data.path!r} (set data.embeds)")
-        want = getattr(policy.cfg, "text_dim", tokens.shape[1])
-        if tokens.shape[1] != want:
-            raise ConfigError(f"instruction embeddings in {ds.embeds_path} are {tokens.shape[1]}-d but the model "
-                              f"expects {want} (model.options.text_dim={tokens.shape[1]})")
+    spec = policy.input_spec
+    if spec.text_dim is not None and ds[0].get("text_tokens") is None:
+        raise ConfigError(f"model {cfg.model.name} needs instruction embeddings; none found beside "
+                          f"{cfg.data.path!r} (set data.embeds)")
+    batch = collate_keysteps([ds[0], ds[min(1, len(ds) - 1)]])
+    spec = dataclasses.replace(spec, num_points=batch["points"].shape[1]) if spec.modality == "points" else spec
+    try:
+        spec.check_batch(batch, where=f"a batch of data.path={cfg.data.path!r}")
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model.name}: {e}") from None
 
 
 def mean_losses_since(step_rows: list[dict], after_step: int) -> dict[str, float]:
@@ -190,6 +219,9 @@ def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = No
     naming the file and the last good checkpoint.
     """
     validate_config(cfg)
+    if cfg.model.preset is None:  # one spelling of "the default preset", so both fingerprint alike
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, preset=get_policy(cfg.model.name).default_preset))
     run_dir = Path(run_dir)
     with RunLock(run_dir) as lock:
         return _run_owned(cfg, run_dir, lock, resolved, config_yaml, overrides)
@@ -221,7 +253,7 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | No
         return previous
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed
-    policy = build_run_policy(cfg).to(device)
+    policy = build_run_policy(cfg, dataset_info(cfg)).to(device)
     train_ds, eval_ds, eval_split = build_datasets(cfg, policy)
     identity = data_identity(train_ds, eval_ds, eval_split)
     if config_yaml is not None:
@@ -233,7 +265,7 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | No
         config=resolved or dataclasses.asdict(cfg), overrides=overrides,
         git_commit=git_commit(), device=device_info(device), B=t.B, M=t.M, model=cfg.model.name,
         preset=cfg.model.preset, ablation=model_options(cfg),
-        model_config=dataclasses.asdict(policy.cfg) if dataclasses.is_dataclass(policy.cfg) else None,
+        model_config=dataclasses.asdict(policy.config) if dataclasses.is_dataclass(policy.config) else None,
         params=sum(p.numel() for p in policy.parameters()), steps_total=t.steps,
         data={"path": str(cfg.data.path), "train_keysteps": len(train_ds), "eval_split": eval_split,
               "eval_keysteps": min(cfg.data.eval_keysteps, len(eval_ds)), "meta": train_ds.meta_source,

@@ -21,10 +21,12 @@ from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, RunConfig
 from harness.data.errors import DataError
 from harness.fingerprint import register_resolver
+from harness.model_schemas import register_model_schemas
 from harness.record import DiskFullError
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 register_resolver()  # ${mdh_fingerprint:...} in the default run folder name
+register_model_schemas()  # model=<name> for every registered policy, plugins included
 log = logging.getLogger("mdh.train")
 
 

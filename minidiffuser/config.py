@@ -113,17 +113,3 @@ PRESETS: dict[str, dict] = {
                   dec_channels=(72, 72, 144, 192), dec_heads=(4, 4, 8, 16), stem_kernel=5, patch_size=120,
                   query_channels=72, query_heads=4, head_hidden=72, context_channels=256, num_points=4000),
 }
-
-
-def make_config(preset: str = "small", **overrides) -> MiniDiffuserConfig:
-    """Config of a preset with field overrides; unknown presets or fields list the choices."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choices: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(MiniDiffuserConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown MiniDiffuserConfig fields {unknown}; choices: {sorted(fields)}")
-    values = {**PRESETS[preset], **overrides}
-    if isinstance(values.get("schedule"), dict):
-        values["schedule"] = ScheduleConfig(**values["schedule"])
-    return MiniDiffuserConfig(preset=preset, **values).validate()

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.diffusion import SamplerConfig, initial_sample, make_sampler, make_train_scheduler, run_sampler
-from harness.policy import register_policy
+from harness.policy import DataInfo, InputSpec, PolicyEntry
 from harness.rotations import euler_bins_to_quat, quat_to_6d, quat_to_euler_bins, sixd_to_quat
-from minidiffuser.config import MiniDiffuserConfig, make_config
+from minidiffuser.config import PRESETS, MiniDiffuserConfig
 from minidiffuser.heads import ActionHead
 from minidiffuser.layers import init_weights
 from minidiffuser.points.unet import PointUNet, make_level
@@ -28,12 +28,12 @@ REQUIRED_KEYS = ("points", "colors", "height", "point_mask", "text_tokens", "tex
 
 class MiniDiffuser(nn.Module):
     shares_condition = True
-    requires = ("points", "text_tokens")  # what a dataset must provide (checked before training)
 
     def __init__(self, cfg: MiniDiffuserConfig):
         super().__init__()
-        self.cfg = cfg.validate()
+        self.cfg = self.config = cfg.validate()
         self.action_dim = cfg.action_dim
+        self.input_spec = InputSpec("points", num_points=cfg.num_points, text_dim=cfg.text_dim)
         self.noise_scheduler = make_train_scheduler(cfg.schedule)
         self.text = TextEncoder(cfg.text_dim, cfg.context_channels)
         if cfg.backbone == "ptv3":
@@ -127,6 +127,15 @@ class MiniDiffuser(nn.Module):
         return torch.cat([pos, quat, open_logit[:, None]], dim=-1)
 
 
-@register_policy("minidiffuser")
-def build_minidiffuser(preset: str = "small", **overrides) -> MiniDiffuser:
-    return MiniDiffuser(make_config(preset, **overrides))
+def build(config: MiniDiffuserConfig, data_info: DataInfo | None = None) -> MiniDiffuser:
+    """The policy for ``config``; ``data_info`` must agree with what the model reads (text width)."""
+    if data_info is not None and data_info.text_dim is not None and data_info.text_dim != config.text_dim:
+        raise ValueError(f"the instruction embeddings are {data_info.text_dim}-d but the model expects "
+                         f"{config.text_dim} (set model.options.text_dim={data_info.text_dim})")
+    return MiniDiffuser(config)
+
+
+# Declared in pyproject.toml: [project.entry-points."mdh.policies"] minidiffuser = "minidiffuser.policy:ENTRY"
+ENTRY = PolicyEntry(name="minidiffuser", config_class=MiniDiffuserConfig, build=build, presets=PRESETS,
+                    default_preset="small",
+                    description="Mini-Diffuser: PTv3-style point U-Net encoded once, light sample-query stream")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_STACKED = ("points", "colors", "height", "point_mask", "pose", "target", "history", "offset", "rotation")
+_STACKED = ("points", "colors", "height", "point_mask", "pose", "target", "history", "offset", "rotation",
+            "rotation_center")
+_OPTIONAL_STACKED = ("images", "point_maps")  # image policies only
 _LISTS = ("task", "instruction", "key", "variation")
 
 
@@ -30,6 +32,13 @@ def collate_keysteps(items: list[dict]) -> dict:
             raise ValueError(f"cannot stack '{name}': shapes differ across the batch {sorted(shapes)} "
                              "(set a fixed num_points)")
         batch[name] = torch.from_numpy(np.stack(arrays))
+    for name in _OPTIONAL_STACKED:
+        if all(name in it for it in items):
+            arrays = [np.asarray(it[name]) for it in items]
+            if len({a.shape for a in arrays}) != 1:
+                raise ValueError(f"cannot stack '{name}': shapes differ across the batch "
+                                 f"{sorted({a.shape for a in arrays})} (cameras or image sizes differ)")
+            batch[name] = torch.from_numpy(np.stack(arrays))
     for name in _LISTS:
         batch[name] = [it[name] for it in items]
     tokens = [it.get("text_tokens") for it in items]

@@ -186,6 +186,7 @@ class TransformConfig:
     jitter_m: float = 0.002
     center: bool = True
     train: bool = True
+    images: bool = False  # also deliver images + point maps (image policies; needs "keysteps" data)
 
 
 class KeystepTransform:
@@ -193,8 +194,10 @@ class KeystepTransform:
 
     Output dict: points (N, 3) float32 (centred if ``center``), colors (N, 3), height (N, 1), point_mask
     (N,) bool, pose (8,), target (8,), history (n_hist, 8) in the same frame as the points, offset (3,)
-    (add it back for world coordinates), rotation (scalar, radians, 0 in eval), and the keystep's
-    text_tokens, instruction, task, variation, key.
+    (add it back for world coordinates), rotation (scalar, radians, 0 in eval) about the vertical axis through
+    rotation_center (3,), and the keystep's text_tokens, instruction, task, variation, key. With ``images``:
+    images (n_cam, 3, H, W) in [-1, 1] and point_maps (n_cam, 3, H, W) in the same (rotated, centred) frame
+    as the points and poses.
     """
 
     def __init__(self, meta, config: TransformConfig | None = None):
@@ -241,9 +244,16 @@ class KeystepTransform:
         height = height_above_table(pts, meta.table_height)
         poses = np.concatenate([ks.pose[None], ks.target[None], ks.history], axis=0)
         angle = 0.0
+        maps = None
+        if cfg.images:
+            if ks.images is None or ks.point_maps is None:
+                raise ValueError(f"keystep {ks.key} has no camera images and point maps (use data.kind=keysteps)")
+            maps = np.asarray(ks.point_maps, np.float32).transpose(0, 2, 3, 1)  # (n_cam, H, W, 3)
         if cfg.train and cfg.rotate_deg > 0:
             angle = float(np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)))
             pts, poses = rotate_z(pts, poses, angle, meta.robot_base)
+            if maps is not None:
+                maps = rotate_z(maps.reshape(-1, 3), poses, angle, meta.robot_base)[0].reshape(maps.shape)
         if cfg.train and cfg.jitter_m > 0:
             pts = jitter(pts, rng, 0.0, cfg.jitter_m)
         offset = center(pts, valid) if cfg.center else np.zeros(3, np.float32)
@@ -253,9 +263,14 @@ class KeystepTransform:
         pts[~valid] = 0.0
         cols = np.where(valid[:, None], cols, 0.0).astype(np.float32)
         height[~valid] = 0.0
-        return {
+        out = {
             "points": pts.astype(np.float32), "colors": cols, "height": height, "point_mask": valid,
             "pose": poses[0], "target": poses[1], "history": poses[2:], "offset": offset,
             "rotation": np.float32(angle), "text_tokens": ks.text_tokens, "instruction": ks.instruction,
             "task": ks.task, "variation": ks.variation, "key": ks.key,
+            "rotation_center": np.asarray(meta.robot_base, np.float32),
         }
+        if maps is not None:
+            out["images"] = np.asarray(ks.images, np.float32)
+            out["point_maps"] = (maps - offset).transpose(0, 3, 1, 2).astype(np.float32)
+        return out

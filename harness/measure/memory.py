@@ -132,12 +132,16 @@ def nvml_handle(pynvml, device: torch.device):
     return pynvml.nvmlDeviceGetHandleByIndex(index), "index (assumed NVML index == CUDA index)"
 
 
-def _maxrss_bytes() -> int | None:
-    """The kernel's peak RSS of this process in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+def maxrss_bytes() -> int | None:
+    """The kernel's peak RSS of this process in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS), or None
+    where ``resource`` does not exist (Windows). The one RSS-peak reader: ``MemoryMonitor`` and
+    ``mdh bench step`` both use it."""
     if resource is None:
         return None
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
 
 
 def _reset_kernel_rss_peak() -> str | None:
@@ -281,7 +285,7 @@ class MemoryMonitor:
     # ------------------------------------------------------------------ start helpers
     def _start_rss(self) -> None:
         with _ACTIVE_LOCK:
-            current = _maxrss_bytes() or 0
+            current = maxrss_bytes() or 0
             for other in list(_ACTIVE):
                 other._rss_carry = max(other._rss_carry, current)
             why_not = _reset_kernel_rss_peak() if self.reset_rss_peak else "reset_rss_peak=False"
@@ -405,7 +409,7 @@ class MemoryMonitor:
             self._notes.append(f"cuda allocator read failed: {describe_error(err)}")
 
     def _rss_peak_now(self) -> int | None:
-        kernel = _maxrss_bytes()
+        kernel = maxrss_bytes()
         if kernel is None:
             return self._own_rss_sample_peak
         return max(kernel, self._rss_carry)

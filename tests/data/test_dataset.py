@@ -19,7 +19,7 @@ from harness.data.meta import DatasetMeta, find_meta, resolve_meta
 from harness.data.transforms import TransformConfig
 
 N = 256
-ITEM_KEYS = {"points", "colors", "height", "point_mask", "pose", "target", "history", "offset", "rotation",
+ITEM_KEYS = {"points", "colors", "height", "point_mask", "pose", "target", "history", "offset", "rotation", "rotation_center",
              "text_tokens", "instruction", "task", "variation", "key"}
 
 

@@ -1,0 +1,127 @@
+"""``mdh bench step``: it times THE training step (``TrainStep``) on real batches from ``--data`` or on labelled
+synthetic ones, and reads the RSS peak through ``harness.measure.memory``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import harness.bench.step as bench
+from harness.bench.step import BenchInputError, StepRunner, bench_step, format_table
+from harness.cli import main
+from harness.config import TrainConfig
+from harness.optim import lr_factor
+from harness.train_step import TrainStep
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread here and in the benchmark's subprocesses: on a shared 2-core machine OpenMP
+    threads spinning against other processes made a tiny step take 0.1 s or 40 s at random."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def data_root(tmp_path, synth):
+    d = synth.make_dataset(tmp_path / "ds", episodes=3, kinds=("voxel1cm",))
+    assert d.num_keysteps >= 8
+    return d.root
+
+
+def _check_results(results: list[dict], root, B: int = 2) -> None:
+    assert [r["M"] for r in results] == [1, 4]
+    for r in results:
+        assert r["inputs"].startswith(f"data:{root} (train, ") and r["inputs"].endswith(" batches)")
+        assert r["input_batches"] >= 2 and f"{r['input_batches']} batches" in r["inputs"]
+        assert r["data_kind"] == "voxel1cm" and r["data_split"] == "train"
+        assert len(r["step_times_s"]) == 2 and r["step_time_median_s"] > 0
+        assert r["peak_memory_bytes"] > 0 and r["memory_source"] == "process_rss_peak"
+        assert r["samples_per_s"] == pytest.approx(B * r["M"] / r["step_time_median_s"])
+        assert r["autocast"] == "none"  # CPU: no autocast, as in training
+    assert results[0]["time_ratio"] == 1.0 and results[0]["memory_ratio"] == 1.0
+    r0, r1 = results
+    assert r1["time_ratio"] == pytest.approx(r1["step_time_median_s"] / r0["step_time_median_s"])
+    assert results[1]["memory_ratio"] > 0 and "step_memory_ratio" in results[1]
+
+
+def test_bench_step_times_real_batches(data_root):
+    results = bench_step(model="minidiffuser", preset="tiny", B=2, Ms=[1, 4], steps=2, warmup=1, data=data_root)
+    _check_results(results, data_root)
+    assert f"inputs=data:{data_root} (train," in format_table(results).splitlines()[0]
+
+
+def test_cli_bench_step_with_data_json(capsys, data_root):
+    rc = main(["bench", "step", "--model", "minidiffuser", "--preset", "tiny", "--B", "2", "--M", "1,4",
+               "--steps", "2", "--warmup", "1", "--data", str(data_root), "--data-batches", "3", "--json"])
+    assert rc == 0
+    results = json.loads(capsys.readouterr().out)
+    _check_results(results, data_root)
+    assert results[0]["input_batches"] == 3 and results[0]["inputs"] == f"data:{data_root} (train, 3 batches)"
+
+
+def test_runner_steps_with_the_training_step(monkeypatch, data_root):
+    runner = StepRunner("minidiffuser", "tiny", B=2, data=data_root, n_batches=2)
+    assert isinstance(runner.trainer, TrainStep)
+    cfg = TrainConfig()
+    groups = runner.trainer.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [cfg.weight_decay, 0.0]  # harness.optim.param_groups
+    assert all(p.ndim <= 1 for p in groups[1]["params"]) and all(p.ndim > 1 for p in groups[0]["params"])
+
+    clipped = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        clipped.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    assert runner.step(1) > 0 and runner.step(4) > 0
+    assert clipped == [cfg.grad_clip, cfg.grad_clip]
+    assert runner.trainer.lr_scheduler.last_epoch == 2  # the LR schedule advanced once per step
+    want = cfg.lr * lr_factor(2, cfg.warmup_steps, cfg.steps, cfg.cosine_cycles, cfg.lr_floor / cfg.lr)
+    assert groups[0]["lr"] == pytest.approx(want)
+
+
+def test_real_batches_cycle_identically_for_every_M(monkeypatch, data_root):
+    runner = StepRunner("minidiffuser", "tiny", B=2, data=data_root, n_batches=2)
+    assert len(runner.batches) == 2 and runner.inputs == f"data:{data_root} (train, 2 batches)"
+    b = runner.batches[0]
+    assert b["points"].shape == (2, bench.input_sizes(runner.policy)[0], 3) and len(b["key"]) == 2  # real keysteps
+    assert runner.batches[0]["key"] != runner.batches[1]["key"]
+    seen: dict[int, list] = {1: [], 4: []}
+    monkeypatch.setattr(runner.trainer, "step", lambda batch, M: seen[M].append(tuple(batch["key"])))
+    for M in (1, 4, 1, 4, 1, 4):
+        runner.step(M)
+    keys = [tuple(b["key"]) for b in runner.batches]
+    assert seen[1] == seen[4] == [keys[0], keys[1], keys[0]]
+
+
+def test_synthetic_inputs_are_labelled_and_memory_uses_the_shared_rss_peak(monkeypatch):
+    runner = StepRunner("minidiffuser", "tiny", B=2)
+    assert runner.inputs == "synthetic" and runner.describe()["inputs"] == "synthetic"
+    monkeypatch.setattr(bench, "maxrss_bytes", lambda: 7 * 2**40)  # harness.measure.memory.maxrss_bytes
+    mem = bench.peak_memory("minidiffuser", "tiny", B=2, M=2, steps=1)
+    assert mem["peak_memory_bytes"] == 7 * 2**40 and mem["memory_source"] == "process_rss_peak"
+    assert mem["step_memory_bytes"] == 7 * 2**40 - mem["rss_before_steps_bytes"]
+
+
+@pytest.mark.parametrize("what", ["missing", "empty_folder", "empty_string", "no_split"])
+def test_cli_bad_data_is_one_line_exit_2(capsys, tmp_path, data_root, what):
+    path = {"missing": str(tmp_path / "nope"), "empty_folder": str(tmp_path), "empty_string": "",
+            "no_split": str(data_root)}[what]
+    extra = ["--split", "val"] if what == "no_split" else []
+    rc = main(["bench", "step", "--preset", "tiny", "--B", "2", "--M", "1", "--data", path, *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("mdh bench step: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_too_few_keysteps_for_one_batch(data_root):
+    with pytest.raises(BenchInputError, match="fewer than one batch of --B 1000"):
+        bench_step("minidiffuser", "tiny", B=1000, Ms=[1], data=data_root)
