@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 QUICK_DATA ?= data/metaworld
 export MUJOCO_GL ?= egl
 
-.PHONY: venv test test-all quick clean
+.PHONY: venv lint test test-all quick clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
 	$(BIN)/python -m pip install -q -e ".[metaworld,dev]"
 	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
 
 test: venv
 	$(BIN)/python -m pytest -q

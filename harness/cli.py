@@ -75,7 +75,7 @@ def _int_list(text: str) -> list[int]:
 def _add_bench_step(bsub) -> None:
     s = bsub.add_parser("step", help="training-step time and peak memory per Level-2 batch M")
     s.add_argument("--model", default="minidiffuser")
-    s.add_argument("--preset", default="small")
+    s.add_argument("--preset", default=None, help="a preset of the policy (default: the policy's default)")
     s.add_argument("--B", type=int, default=8, help="Level-1 batch (observations per step)")
     s.add_argument("--M", type=_int_list, default=[1, 8, 64, 256], help="comma-separated Level-2 batches")
     s.add_argument("--steps", type=int, default=10, help="timed steps per configuration")

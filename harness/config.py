@@ -7,9 +7,10 @@ Stable keys (docs and scripts rely on them): ``model``, ``model.preset``, ``data
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -24,7 +25,7 @@ class ModelConfig:
     value. From Python, ``options`` may be a plain dict."""
 
     name: str = "minidiffuser"
-    preset: Optional[str] = None
+    preset: str | None = None
     options: Any = field(default_factory=dict)
 
 
@@ -39,12 +40,12 @@ class DataConfig:
     split: str = "train"
     val_split: str = "val"
     kind: str = "voxel1cm"
-    instructions: Optional[str] = None
-    embeds: Optional[str] = None
-    meta_preset: Optional[str] = None
-    taskvars: Optional[list[str]] = None
-    num_points: Optional[int] = None
-    workers: int = 2
+    instructions: str | None = None
+    embeds: str | None = None
+    meta_preset: str | None = None
+    taskvars: list[str] | None = None
+    num_points: int | None = None
+    workers: int | None = None  # null: from the CPUs this process may use (see loader_plan)
     skip_bad: bool = False
     eval_keysteps: int = 64
 
@@ -67,14 +68,14 @@ class TrainConfig:
     cosine_cycles: float = 0.5
     lr_floor: float = 1e-5
     grad_clip: float = 200.0
-    ema_decay: Optional[float] = None
+    ema_decay: float | None = None
     bf16: bool = True
     eval_every: int = 200
     ckpt_every: int = 200
     sampler: str = "ddpm"
-    sampler_steps: Optional[int] = None
+    sampler_steps: int | None = None
     device: str = "auto"
-    recipe_steps: Optional[int] = None
+    recipe_steps: int | None = None
     progress: bool = True
 
 
@@ -98,27 +99,57 @@ def _positive_int(value, key: str, minimum: int = 1) -> None:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
+def _number(value, key: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """``value`` must be a finite number within [low, high] (``*_open``: the bound itself excluded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ConfigError(f"{key} must be {'<' if high_open else '<='} {high}, got {value!r}")
+
+
+DATA_KINDS = ("voxel1cm", "keysteps")
+SAMPLERS = ("ddpm", "ddim")
+
+
 def validate_config(cfg: RunConfig) -> None:
-    """Check a run configuration before any work; raises ``ConfigError`` naming key and value."""
+    """Check every field of a run configuration before any work; raises ``ConfigError`` naming the key, the
+    value and what was expected. Nothing is silently replaced by a default."""
     from harness.policy import policy_names
 
     t, d, m = cfg.train, cfg.data, cfg.model
-    _positive_int(t.B, "train.B")
-    _positive_int(t.M, "train.M")
-    _positive_int(t.steps, "train.steps")
-    _positive_int(t.eval_every, "train.eval_every")
-    _positive_int(t.ckpt_every, "train.ckpt_every")
-    _positive_int(t.warmup_steps, "train.warmup_steps", 0)
-    _positive_int(d.workers, "data.workers", 0)
-    _positive_int(d.eval_keysteps, "data.eval_keysteps")
-    if not t.lr > 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr!r}")
-    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay!r}")
-    if t.sampler not in ("ddpm", "ddim"):
-        raise ConfigError(f"train.sampler must be ddpm or ddim, got {t.sampler!r}")
+    for key, value, minimum in (("train.B", t.B, 1), ("train.M", t.M, 1), ("train.steps", t.steps, 1),
+                                ("train.eval_every", t.eval_every, 1), ("train.ckpt_every", t.ckpt_every, 1),
+                                ("train.warmup_steps", t.warmup_steps, 0), ("train.seed", t.seed, 0),
+                                ("data.eval_keysteps", d.eval_keysteps, 1)):
+        _positive_int(value, key, minimum)
+    for key, value in (("data.workers", d.workers), ("data.num_points", d.num_points),
+                       ("train.sampler_steps", t.sampler_steps), ("train.recipe_steps", t.recipe_steps)):
+        if value is not None:
+            _positive_int(value, key, 0 if key == "data.workers" else 1)
+    _number(t.lr, "train.lr", 0, low_open=True)
+    _number(t.lr_floor, "train.lr_floor", 0, t.lr)
+    _number(t.eps, "train.eps", 0, low_open=True)
+    _number(t.weight_decay, "train.weight_decay", 0)
+    _number(t.cosine_cycles, "train.cosine_cycles", 0, low_open=True)
+    _number(t.grad_clip, "train.grad_clip", 0, low_open=True)
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas must be two numbers, got {t.betas!r}")
+    for i, beta in enumerate(t.betas):
+        _number(beta, f"train.betas[{i}]", 0, 1, high_open=True)
+    if t.ema_decay is not None:
+        _number(t.ema_decay, "train.ema_decay", 0, 1, low_open=True, high_open=True)
+    if t.sampler not in SAMPLERS:
+        raise ConfigError(f"train.sampler must be one of {SAMPLERS}, got {t.sampler!r}")
     if t.device not in ("auto", "cpu") and not str(t.device).startswith("cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda[:i], got {t.device!r}")
+    if d.kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind must be one of {DATA_KINDS}, got {d.kind!r}")
+    for key, value in (("data.split", d.split), ("data.val_split", d.val_split), ("data.name", d.name)):
+        if not isinstance(value, str) or not value or "/" in value:
+            raise ConfigError(f"{key} must be a non-empty folder name, got {value!r}")
     if m.name not in policy_names():
         raise ConfigError(f"unknown model {m.name!r}; choices: {policy_names()}")
     if not Path(d.path).expanduser().exists():

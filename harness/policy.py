@@ -147,7 +147,7 @@ def world_actions(actions: torch.Tensor, batch: Mapping) -> torch.Tensor:
             raise ValueError("batch is rotated (augmented) but has no 'rotation_center' to undo it about")
         from scipy.spatial.transform import Rotation
 
-        undo = Rotation.from_euler("z", -angle.detach().cpu().double().numpy())
+        undo = Rotation.from_euler("z", -angle.detach().cpu().double().numpy().reshape(-1, 1))
         c = center.to(out).cpu().double().numpy()
         pos = undo.apply(out[:, :3].detach().cpu().double().numpy() - c) + c
         quat = (undo * Rotation.from_quat(out[:, 3:7].detach().cpu().double().numpy())).as_quat()
@@ -226,7 +226,6 @@ def _strip_optional(hint):
 
 _REGISTRY: dict[str, PolicyEntry] = {}
 _PLUGIN_ERRORS: dict[str, str] = {}
-_LOADED = False
 
 MIGRATION_HINT = ("since mdh 0.2 an entry point in 'mdh.policies' must name a harness.policy.PolicyEntry "
                   "(name, config_class, build(config, data_info), presets); see docs/new_architecture.md, "
@@ -250,7 +249,6 @@ def _load_entry_points() -> None:
     warning, and the error of ``get_policy`` for that name), never silently dropped, and never takes the
     other policies down.
     """
-    global _LOADED
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -269,9 +267,9 @@ def _load_entry_points() -> None:
             continue
         if entry.name != ep.name:
             _PLUGIN_ERRORS[ep.name] = f"{ep.value} is registered as {ep.name!r} but its PolicyEntry says {entry.name!r}"
+            log.warning("policy plugin %r: %s", ep.name, _PLUGIN_ERRORS[ep.name])
             continue
         _REGISTRY.setdefault(ep.name, entry)
-    _LOADED = True
 
 
 def policy_names() -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import errno
 import io
 import json
@@ -40,9 +41,79 @@ def disk_full_path(error: BaseException) -> str | None:
     return None
 
 
-METRIC_COLUMNS = ["step", "loss", "wall_time_s", "lr", "pos", "rot", "open", "pos_err_cm", "pct_within_1cm",
-                  "rot_err_deg", "pct_within_3deg", "gripper_acc", "pct_all", "success"]
-STEP_COLUMNS = ["step", "loss", "pos", "rot", "open", "lr", "grad_norm", "step_time_s"]
+# Fixed leading columns; every loss term a policy returns follows under its own name (sorted), so a
+# policy's own terms ("pos", "rot", "open" for Mini-Diffuser; anything for a plugin) are never dropped.
+METRIC_COLUMNS = ["step", "loss", "wall_time_s", "lr", "pos_err_cm", "pct_within_1cm", "rot_err_deg",
+                  "pct_within_3deg", "gripper_acc", "pct_all"]
+STEP_COLUMNS = ["step", "loss", "lr", "grad_norm", "step_time_s"]
+NON_LOSS_STEP_COLUMNS = frozenset(STEP_COLUMNS) - {"loss"}
+
+SCHEMA_VERSION = 2
+RUN_STATUSES = ("running", "done", "failed", "interrupted", "died")
+
+
+@dataclasses.dataclass
+class RecordSchema:
+    """Every field of record.json, documented one by one in docs/record.md. ``schema_version`` 2 (records
+    without a version are version 1 and load: they lack the fields added since, which read as None)."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str | None = None
+    status: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    fingerprint: str | None = None
+    semantic_config: dict | None = None
+    config: dict | None = None
+    overrides: list | None = None
+    git_commit: str | None = None
+    device: dict | None = None
+    B: int | None = None
+    M: int | None = None
+    model: str | None = None
+    preset: str | None = None
+    ablation: dict | None = None
+    model_config: dict | None = None
+    params: int | None = None
+    loss_terms: list | None = None
+    steps_total: int | None = None
+    steps_done: int | None = None
+    checkpoint_step: int | None = None
+    data: dict | None = None
+    loader: dict | None = None
+    owner: dict | None = None
+    versions: dict | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    died: dict | None = None
+    timing: dict | None = None
+    memory: dict | None = None
+    cost: dict | None = None
+    final_metrics: dict | None = None
+
+
+RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RecordSchema))
+
+
+class RecordError(ValueError):
+    """record.json does not match the schema; the message names the file and the keys."""
+
+
+def upgrade_record(d: dict, path: object = None) -> dict:
+    """A record dict of any known version -> the current schema's dict (unknown versions or keys refused)."""
+    if not isinstance(d, dict):
+        raise RecordError(f"{path}: record.json must hold a JSON object, got {type(d).__name__}")
+    version = d.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        raise RecordError(f"{path}: record.json schema_version {version!r} is not one this mdh reads "
+                          f"(1..{SCHEMA_VERSION}); upgrade mdh")
+    unknown = sorted(set(d) - RECORD_FIELDS)
+    if unknown and version == SCHEMA_VERSION:
+        raise RecordError(f"{path}: record.json has keys outside schema {SCHEMA_VERSION}: {unknown}")
+    out = dataclasses.asdict(RecordSchema())
+    out.update({k: v for k, v in d.items() if k in RECORD_FIELDS})
+    out["schema_version"] = SCHEMA_VERSION
+    return out
 
 
 _UMASK_LOCK = threading.Lock()
@@ -123,22 +194,35 @@ def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
 
 
 class RunRecord:
+    """The files of one run folder. ``data`` is record.json as a dict of ``RecordSchema`` fields;
+    ``update(**fields)`` accepts schema fields only and rewrites the file atomically."""
+
     def __init__(self, run_dir: str | os.PathLike):
         self.dir = Path(run_dir)
         self.ckpt_dir = self.dir / "ckpt"
-        self.data: dict = {}
+        self.data: dict = dataclasses.asdict(RecordSchema())
 
     @property
     def record_path(self) -> Path:
         return self.dir / "record.json"
 
     def load(self) -> dict | None:
+        """record.json upgraded to the current schema, or None when there is none yet."""
         if not self.record_path.exists():
             return None
-        self.data = json.loads(self.record_path.read_text())
+        try:
+            raw = json.loads(self.record_path.read_text())
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{self.record_path} is not valid JSON ({e}); move it away to start over") from None
+        self.data = upgrade_record(raw, self.record_path)
         return self.data
 
     def update(self, **fields) -> None:
+        unknown = sorted(set(fields) - RECORD_FIELDS)
+        if unknown:
+            raise RecordError(f"{unknown} are not RecordSchema fields (harness/record.py, docs/record.md)")
+        if "status" in fields and fields["status"] not in RUN_STATUSES:
+            raise RecordError(f"status {fields['status']!r} is not one of {RUN_STATUSES}")
         self.data.update(fields)
         write_text_atomic(self.record_path, json.dumps(self.data, indent=2, default=str) + "\n")
 

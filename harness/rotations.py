@@ -32,7 +32,7 @@ def quat_to_euler_bins(quat, resolution: float = 5.0) -> torch.Tensor:
                 fixed = euler[near].copy()
                 fixed[:, 1] = 90.0 * sign
                 euler[near] = Rotation.from_euler("xyz", fixed, degrees=True).as_euler("xyz", degrees=True)
-    n_bins = int(round(360.0 / resolution))
+    n_bins = round(360.0 / resolution)
     bins = np.round((euler + 180.0) / resolution).astype(np.int64) % n_bins
     return torch.from_numpy(bins)
 

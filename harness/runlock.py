@@ -98,7 +98,7 @@ class RunLock:
             os.close(self.fd)  # closing drops the POSIX lock
             self.fd = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> RunLock:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from harness.diffusion import ScheduleConfig
@@ -96,20 +95,20 @@ class MiniDiffuserConfig:
 
 PRESETS: dict[str, dict] = {
     # unit tests: a few hundred points, seconds per step on a laptop
-    "tiny": dict(enc_channels=(12, 24, 24, 48, 48), enc_heads=(1, 2, 2, 4, 4), dec_channels=(24, 24, 24, 48),
-                 dec_heads=(2, 2, 2, 4), stem_kernel=3, patch_size=16, query_channels=24, query_heads=2,
-                 head_hidden=24, context_channels=32, num_points=256, fps_tokens=32, transformer_layers=2,
-                 transformer_channels=24, transformer_heads=2),
+    "tiny": {"enc_channels": (12, 24, 24, 48, 48), "enc_heads": (1, 2, 2, 4, 4), "dec_channels": (24, 24, 24, 48),
+                 "dec_heads": (2, 2, 2, 4), "stem_kernel": 3, "patch_size": 16, "query_channels": 24, "query_heads": 2,
+                 "head_hidden": 24, "context_channels": 32, "num_points": 256, "fps_tokens": 32, "transformer_layers": 2,
+                 "transformer_channels": 24, "transformer_heads": 2},
     # CPU default for the embedded Meta-World suite
-    "small": dict(enc_channels=(24, 48, 72, 96, 144), enc_heads=(2, 4, 4, 8, 8), dec_channels=(48, 48, 72, 96),
-                  dec_heads=(4, 4, 4, 8), stem_kernel=3, patch_size=64, query_channels=48, query_heads=4,
-                  head_hidden=48, context_channels=128, num_points=1024, fps_tokens=128, transformer_layers=3,
-                  transformer_channels=96, transformer_heads=8,
+    "small": {"enc_channels": (24, 48, 72, 96, 144), "enc_heads": (2, 4, 4, 8, 8), "dec_channels": (48, 48, 72, 96),
+                  "dec_heads": (4, 4, 4, 8), "stem_kernel": 3, "patch_size": 64, "query_channels": 48, "query_heads": 4,
+                  "head_hidden": 48, "context_channels": 128, "num_points": 1024, "fps_tokens": 128, "transformer_layers": 3,
+                  "transformer_channels": 96, "transformer_heads": 8,
                   # CPU cost: attention dropout draws a mask per score (B x heads x M x N for the queries)
                   # and the MLPs dominate at these widths; both measured with `mdh bench step`
-                  attn_drop=0.0, mlp_ratio=2),
+                  "attn_drop": 0.0, "mlp_ratio": 2},
     # the paper / official code (yaml L122-158)
-    "paper": dict(enc_channels=(36, 72, 144, 192, 384), enc_heads=(2, 4, 8, 16, 32),
-                  dec_channels=(72, 72, 144, 192), dec_heads=(4, 4, 8, 16), stem_kernel=5, patch_size=120,
-                  query_channels=72, query_heads=4, head_hidden=72, context_channels=256, num_points=4000),
+    "paper": {"enc_channels": (36, 72, 144, 192, 384), "enc_heads": (2, 4, 8, 16, 32),
+                  "dec_channels": (72, 72, 144, 192), "dec_heads": (4, 4, 8, 16), "stem_kernel": 5, "patch_size": 120,
+                  "query_channels": 72, "query_heads": 4, "head_hidden": 72, "context_channels": 256, "num_points": 4000},
 }

@@ -43,7 +43,7 @@ class MiniDiffuser(nn.Module):
             self.backbone = TransformerBackbone(cfg)
             final_channels = cfg.transformer_channels
         self.query = QueryStream(cfg, self.backbone.level_channels)
-        self.n_bins = int(round(360 / cfg.euler_resolution))
+        self.n_bins = round(360 / cfg.euler_resolution)
         self.head = ActionHead(final_channels, cfg.head_hidden, cfg.head_dropout,
                                self.n_bins if cfg.head == "decoupled" else None)
         self.apply(init_weights)

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minidiffuser.layers import FiLMNorm, GroupedAttention, Mlp, RotaryPositionEncoding3D, sinusoidal_embedding
+from minidiffuser.layers import (
+    FiLMNorm,
+    GroupedAttention,
+    Mlp,
+    RotaryPositionEncoding3D,
+    sinusoidal_embedding,
+)
 from minidiffuser.points.sparse_conv import lookup
 
 

@@ -35,7 +35,7 @@ from harness.bench.synthetic import synthetic_batch
 from harness.config import TrainConfig
 from harness.data.errors import DataError
 from harness.measure.memory import maxrss_bytes
-from harness.policy import build_policy
+from harness.policy import build_policy, get_policy
 from harness.train_step import TrainStep
 
 DEFAULT_DATA_BATCHES = 8
@@ -129,7 +129,11 @@ class StepRunner:
         self.policy = build_policy(model, preset=preset).to(self.device).train()
         num_points, text_dim = input_sizes(self.policy)
         if data is None:
-            batches = [synthetic_batch(B, num_points, D=text_dim or 512, seed=seed, full=True)]
+            if getattr(self.policy, "input_spec", None) is not None and self.policy.input_spec.modality == "images":
+                raise BenchInputError(f"model {model!r} reads camera images; synthetic batches are point clouds "
+                                      "only: pass --data with a keysteps dataset")
+            n_hist = getattr(getattr(self.policy, "input_spec", None), "n_hist", 1)
+            batches = [synthetic_batch(B, num_points, D=text_dim or 512, seed=seed, full=True, n_hist=n_hist)]
         else:
             batches = data_batches(data, B, num_points, split=split, kind=kind, n_batches=n_batches,
                                    text_dim=text_dim)
@@ -212,7 +216,7 @@ def _subprocess(func: str, kwargs: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_step(model: str, preset: str, B: int, Ms: list[int], steps: int = 10, warmup: int = 3,
+def bench_step(model: str, preset: str | None, B: int, Ms: list[int], steps: int = 10, warmup: int = 3,
                device: str = "cpu", data: str | os.PathLike | None = None, split: str = "train",
                kind: str = "voxel1cm", n_batches: int = DEFAULT_DATA_BATCHES) -> list[dict]:
     """One result dict per M (keys: model, preset, B, M, inputs, step_time_median_s, step_time_p90_s,
@@ -221,6 +225,12 @@ def bench_step(model: str, preset: str, B: int, Ms: list[int], steps: int = 10, 
     ``data``: time real batches from this dataset (``split``, ``kind``, ``n_batches`` batches) instead of a
     synthetic one; checked here first, so a bad path raises ``BenchInputError`` before any subprocess starts.
     """
+    try:  # a bad model or preset is one line here, not a traceback from a subprocess
+        entry = get_policy(model)
+        entry.make_config(preset)
+        preset = preset or entry.default_preset
+    except (KeyError, ValueError) as e:
+        raise BenchInputError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
     inputs: dict = {}
     if data is not None:
         check_data(data, split, kind, B)

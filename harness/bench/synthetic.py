@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
-def synthetic_batch(B: int, N: int, L: int = 7, D: int = 512, seed: int = 0, full: bool = False) -> dict:
+def synthetic_batch(B: int, N: int, L: int = 7, D: int = 512, seed: int = 0, full: bool = False,
+                    n_hist: int = 1) -> dict:
     """Tensors shaped like ``collate_keysteps`` output: points/colors (B, N, 3), height (B, N, 1),
-    point_mask (B, N), text_tokens (B, L, D), text_mask (B, L), target/pose (B, 8).
+    point_mask (B, N), text_tokens (B, L, D), text_mask (B, L), target/pose (B, 8), history (B, n_hist, 8),
+    offset (B, 3) zeros, rotation (B,) zeros.
 
     Unless ``full``, observation 0 has a quarter of its points masked and observation 1's instruction is
     two tokens shorter, so padding paths are exercised.
@@ -47,4 +49,6 @@ def synthetic_batch(B: int, N: int, L: int = 7, D: int = 512, seed: int = 0, ful
         "height": (pts[..., 2:3] + 0.2) * mask[..., None], "point_mask": mask,
         "text_tokens": torch.randn(B, L, D, generator=g) * text_mask[..., None], "text_mask": text_mask,
         "target": target, "pose": target.clone(),
+        "history": target.clone()[:, None].expand(B, n_hist, 8).contiguous(), "offset": torch.zeros(B, 3),
+        "rotation": torch.zeros(B),
     }

@@ -7,8 +7,8 @@ at keyframe ``t + 1``. Quaternions are xyzw, positions metres in the world frame
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 

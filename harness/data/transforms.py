@@ -116,7 +116,7 @@ def sample_points(n: int, num_points: int, rng: np.random.Generator,
     if n > num_points:
         return np.sort(rng.choice(n, num_points, replace=False)), np.ones(num_points, bool)
     frac = rng.uniform(*keep_fraction) if keep_fraction[0] < keep_fraction[1] else keep_fraction[0]
-    k = max(1, min(n, int(round(n * frac))))
+    k = max(1, min(n, round(n * frac)))
     chosen = np.sort(rng.choice(n, k, replace=False)) if k < n else np.arange(n)
     idx = np.zeros(num_points, np.int64)
     idx[:k] = chosen

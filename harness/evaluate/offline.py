@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from harness.data.collate import batch_to
+from harness.policy import world_actions
 from harness.rotations import geodesic_deg
 
 POS_THRESHOLD_CM = 1.0
@@ -40,7 +41,7 @@ def summarize(errors: dict[str, np.ndarray]) -> dict[str, float]:
         "pct_within_3deg": 100.0 * float(np.mean(errors["within_3deg"])),
         "gripper_acc": 100.0 * float(np.mean(errors["gripper_ok"])),
         "pct_all": 100.0 * float(np.mean(errors["all_ok"])),
-        "n": int(len(errors["pos_err_cm"])),
+        "n": len(errors["pos_err_cm"]),
     }
 
 
@@ -63,8 +64,9 @@ def evaluate_policy(policy, batches, sampler, device, generator: torch.Generator
     try:
         for batch in batches:
             batch = batch_to(batch, device)
-            preds.append(policy.sample(batch, sampler, generator=generator).cpu())
-            targets.append(batch["target"].cpu())
+            # both in the world frame through the helper closed-loop evaluation uses too
+            preds.append(world_actions(policy.sample(batch, sampler, generator=generator), batch).cpu())
+            targets.append(world_actions(batch["target"], batch).cpu())
             tasks.extend(batch["task"])
     finally:
         policy.train(was_training)

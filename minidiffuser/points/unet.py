@@ -260,7 +260,7 @@ class PointUNet(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         enc, dec = cfg.enc_channels, cfg.dec_channels
-        kw = dict(mlp_ratio=cfg.mlp_ratio, attn_drop=cfg.attn_drop, proj_drop=cfg.proj_drop)
+        kw = {"mlp_ratio": cfg.mlp_ratio, "attn_drop": cfg.attn_drop, "proj_drop": cfg.proj_drop}
         self.orders, self.shuffle = tuple(cfg.serialization_orders), cfg.shuffle_orders
         self.embedding = Embedding(cfg.in_channels, enc[0], cfg.stem_kernel)
         self.pools = nn.ModuleList(SerializedPooling(enc[s - 1], enc[s]) for s in range(1, len(enc)))

@@ -125,3 +125,22 @@ def test_cli_bad_data_is_one_line_exit_2(capsys, tmp_path, data_root, what):
 def test_too_few_keysteps_for_one_batch(data_root):
     with pytest.raises(BenchInputError, match="fewer than one batch of --B 1000"):
         bench_step("minidiffuser", "tiny", B=1000, Ms=[1], data=data_root)
+
+
+@pytest.mark.parametrize("model, preset, message", [("minidiffuser", "huge", "unknown preset 'huge'"),
+                                                    ("no-such-model", None, "unknown policy 'no-such-model'")])
+def test_bad_model_or_preset_is_one_line_before_any_subprocess(capsys, model, preset, message):
+    with pytest.raises(BenchInputError, match=message):
+        bench_step(model, preset, 2, [1], steps=1, warmup=0)
+    args = ["bench", "step", "--model", model, "--B", "2", "--M", "1"] + (["--preset", preset] if preset else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_synthetic_batch_has_every_key_the_input_spec_names():
+    from harness.bench.synthetic import synthetic_batch
+    from harness.policy import InputSpec
+
+    InputSpec("points", num_points=32, text_dim=16, n_hist=3).check_batch(
+        synthetic_batch(2, 32, D=16, full=True, n_hist=3))

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.diffusion import (SamplerConfig, ScheduleConfig, initial_sample, make_sampler, make_train_scheduler,
-                               run_sampler)
+from harness.diffusion import (
+    SamplerConfig,
+    ScheduleConfig,
+    initial_sample,
+    make_sampler,
+    make_train_scheduler,
+    run_sampler,
+)
 from harness.level2 import sample_level2
 
 

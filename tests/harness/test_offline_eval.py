@@ -30,9 +30,11 @@ def _quat(euler_deg) -> np.ndarray:
     return Rotation.from_euler("xyz", euler_deg, degrees=True).as_quat()  # xyzw
 
 
-def _batch(keys, poses, targets, tasks):
+def _batch(keys, poses, targets, tasks, offset=(0.1, -0.2, 0.7)):
+    """A centred batch: poses and targets in the batch frame, ``offset`` adds back to world."""
     return {"key": list(keys), "task": list(tasks), "pose": torch.tensor(np.array(poses), dtype=torch.float32),
-            "target": torch.tensor(np.array(targets), dtype=torch.float32)}
+            "target": torch.tensor(np.array(targets), dtype=torch.float32),
+            "offset": torch.tensor([offset] * len(keys), dtype=torch.float32)}
 
 
 def _action(xyz, euler_deg, open_value):
@@ -73,3 +75,22 @@ def test_known_errors_are_measured_against_the_target_with_the_thresholds():
     assert o["pct_all"] == pytest.approx(100 / 3)
     assert out["per_task"]["x"]["n"] == 2 and out["per_task"]["y"]["pct_all"] == 0.0
     assert math.isclose(out["per_task"]["x"]["pos_err_cm"], 0.45, abs_tol=1e-3)
+
+
+def test_world_actions_undo_offset_and_rotation():
+    from harness.data.transforms import rotate_z
+    from harness.policy import world_actions
+
+    world = np.stack([_action([0.4, 0.1, 0.9], [180, 0, 30], 1.0), _action([0.1, -0.3, 1.1], [170, 5, -60], 0.0)])
+    base = np.array([-0.3, 0.0, 0.75], np.float32)
+    angles = [0.3, -0.5]
+    rotated = np.stack([rotate_z(np.zeros((0, 3), np.float32), w[None], a, base)[1][0] for w, a in zip(world, angles)])
+    offset = np.array([[0.2, 0.1, 0.5], [-0.1, 0.0, 0.3]], np.float32)
+    centred = rotated.copy()
+    centred[:, :3] -= offset
+    batch = {"offset": torch.tensor(offset), "rotation": torch.tensor(angles, dtype=torch.float32),
+             "rotation_center": torch.tensor(np.stack([base, base]))}
+    back = world_actions(torch.tensor(centred), batch).numpy()
+    assert np.allclose(back[:, :3], world[:, :3], atol=1e-5)
+    dots = np.abs((back[:, 3:7] * world[:, 3:7]).sum(1))
+    assert np.allclose(dots, 1.0, atol=1e-5) and np.array_equal(back[:, 7], world[:, 7])

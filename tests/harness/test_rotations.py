@@ -4,8 +4,14 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from harness.rotations import (euler_bins_to_quat, geodesic_deg, quat_to_6d, quat_to_euler_bins, quat_to_matrix,
-                               sixd_to_quat)
+from harness.rotations import (
+    euler_bins_to_quat,
+    geodesic_deg,
+    quat_to_6d,
+    quat_to_euler_bins,
+    quat_to_matrix,
+    sixd_to_quat,
+)
 
 
 def _quats(n=200, seed=0):

@@ -71,7 +71,7 @@ class LmdbWriter:
         self.env.sync()
         self.env.close()
 
-    def __enter__(self) -> LmdbWriter:
+    def __enter__(self) -> LmdbWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:

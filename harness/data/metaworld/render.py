@@ -125,7 +125,7 @@ class KeyframeRenderer:
             self._renderer.close()
             self._renderer = None
 
-    def __enter__(self) -> KeyframeRenderer:
+    def __enter__(self) -> KeyframeRenderer:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,455 @@
+"""Conformance of EVERY registered policy to the contract of harness/policy.py, built-ins and plugins alike.
+
+The suite is parametrised over ``policy_names()`` with the toy plugin (tests/plugins/mdh_toy_policy, a
+separate package found through its entry point) on the path, so a new architecture is checked the moment it
+registers: its input spec against what the data pipeline really delivers, the shapes of target, denoiser and
+loss, Level-2 isolation in eval AND train mode (policies that share the condition), seeded sampling, the
+state-dict round trip through a checkpoint, ``world_actions``, offline evaluation. Each policy runs at its
+"tiny" preset (else its default) on a synthetic dataset, B=2, M=4.
+
+The end-to-end tests drive the toy plugin through the very commands a built-in goes through: ``mdh train
+model=toy ...`` (its own loss names in steps.csv and metrics.csv, typed ``model.options``), ``bench_step``
+and ``evaluate_policy``.
+
+Conventions a policy's config follows for the train-mode test that compares M samples with one sample (no
+seed aligns dropout masks of different shapes): dropout rates are float config fields whose name contains
+"drop"; the test zeroes them, then checks train mode really is deterministic before comparing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from harness.checkpoint import load_checkpoint, save_checkpoint
+from harness.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from harness.data.collate import collate_keysteps
+from harness.diffusion import SamplerConfig, make_sampler
+from harness.evaluate.offline import evaluate_policy
+from harness.level2 import level2_losses, sample_level2
+from harness.policy import Policy, get_policy, options_schema, policy_names, world_actions
+from harness.train import build_datasets, build_run_policy, dataset_info, eval_batches
+from harness.train_step import TrainStep
+from tests.plugins.toy_env import REPO, TOY_DIR, isolated_registry, subprocess_env
+
+B, M, NUM_POINTS = 2, 4, 64
+MODES = ["eval", "train"]
+
+
+def _registered() -> list[str]:
+    with isolated_registry(TOY_DIR):
+        return policy_names()
+
+
+POLICIES = _registered()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_plugin():
+    """The toy plugin on sys.path for this module; the registry is restored afterwards."""
+    with isolated_registry(TOY_DIR):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, synth):
+    root = tmp_path_factory.mktemp("conformance_data")
+    synth.make_dataset(root, episodes=2, kinds=("keysteps", "voxel1cm"))
+    return root
+
+
+def _preset(name: str) -> str | None:
+    entry = get_policy(name)
+    return "tiny" if "tiny" in entry.presets else entry.default_preset
+
+
+_KIND: dict[str, str] = {}
+
+
+def _kind(name: str) -> str:
+    """The data kind the policy reads: camera images are only in "keysteps" data."""
+    if name not in _KIND:
+        entry = get_policy(name)
+        modality = entry.build(entry.make_config(_preset(name)), None).input_spec.modality
+        _KIND[name] = "keysteps" if modality == "images" else "voxel1cm"
+    return _KIND[name]
+
+
+def _cfg(name: str, root, num_points: int | None = NUM_POINTS, **options) -> RunConfig:
+    kind = _kind(name)
+    return RunConfig(model=ModelConfig(name=name, preset=_preset(name), options=options),
+                     data=DataConfig(name="synthetic", path=str(root), kind=kind, workers=0, num_points=num_points,
+                                     eval_keysteps=4),
+                     train=TrainConfig(B=B, M=M, device="cpu", progress=False))
+
+
+def _build(name: str, root, mode: str = "eval", seed: int = 0, **options):
+    """The policy as ``mdh train`` builds it (typed config, dataset facts), in ``mode``."""
+    cfg = _cfg(name, root, **options)
+    torch.manual_seed(seed)
+    return build_run_policy(cfg, dataset_info(cfg)).train(mode == "train")
+
+
+_DATA: dict = {}
+
+
+def _batches(name: str, root) -> dict:
+    """{"train": a batch with the training transforms, "eval": without, "eval_ds": the evaluated dataset},
+    read through ``build_datasets`` (the policy's input spec picks the transform) and collated."""
+    if name not in _DATA:
+        cfg = _cfg(name, root)
+        train_ds, eval_ds, _ = build_datasets(cfg, _build(name, root))
+        _DATA[name] = {"train": collate_keysteps([train_ds[i] for i in range(B)]),
+                       "eval": collate_keysteps([eval_ds[i] for i in range(B)]), "eval_ds": eval_ds}
+    return _DATA[name]
+
+
+def _no_dropout(name: str) -> dict:
+    config = get_policy(name).make_config(_preset(name))
+    return {f.name: 0.0 for f in dataclasses.fields(config)
+            if "drop" in f.name and isinstance(getattr(config, f.name), float)}
+
+
+def _samples(policy, M: int = M, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    T = policy.noise_scheduler.config.num_train_timesteps
+    return torch.randn(B, M, policy.action_dim, generator=g) * 0.2, torch.randint(0, T, (B, M), generator=g)
+
+
+def _encode(policy, batch, seed: int = 5):
+    torch.manual_seed(seed)  # encoders may draw (dropout, random serialisation orders)
+    return policy.encode(batch)
+
+
+def _denoise(policy, x, t, cond, seed: int = 11):
+    """Global RNG reset first: in train mode two calls on inputs of the same shapes draw the same dropout
+    masks, so a difference between them comes from the inputs alone."""
+    torch.manual_seed(seed)
+    return policy.denoise(x, t, cond)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a condition (tensors, dataclasses, lists, tuples, dicts, nested)."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    return []
+
+
+def _needs_shared_condition(policy) -> None:
+    if not policy.shares_condition:
+        pytest.skip("isolation of samples sharing one condition: the policy re-encodes per sample")
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def test_suite_covers_the_builtin_and_the_plugin():
+    assert {"minidiffuser", "toy"} <= set(POLICIES), POLICIES
+    assert _preset("minidiffuser") == "tiny" and _preset("toy") == "tiny"
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_entry_config_and_protocol(name, data_root):
+    entry = get_policy(name)
+    assert entry.name == name
+    for preset in entry.presets:  # every preset makes a valid config (building "paper" would be slow)
+        assert isinstance(entry.make_config(preset), entry.config_class)
+    schema = {f.name: f for f in dataclasses.fields(options_schema(entry))}
+    assert set(schema) == {f.name for f in dataclasses.fields(entry.config_class)} - {"preset"}
+    policy = _build(name, data_root)
+    assert isinstance(policy, Policy) and isinstance(policy, nn.Module)
+    assert isinstance(policy.config, entry.config_class)
+    assert policy.config == entry.make_config(_preset(name))
+    assert isinstance(policy.action_dim, int) and policy.action_dim >= 1
+    assert isinstance(policy.shares_condition, bool)
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) > 0
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_input_spec_matches_what_the_dataset_delivers(name, data_root):
+    policy = _build(name, data_root)
+    spec = policy.input_spec
+    # the policy's own cloud size (data.num_points unset) ...
+    cfg = _cfg(name, data_root, num_points=None)
+    train_ds, eval_ds, _ = build_datasets(cfg, policy)
+    for ds in (train_ds, eval_ds):
+        spec.check_batch(collate_keysteps([ds[0], ds[1]]), where=f"{name} batch")
+    # ... and the one data.num_points asks for
+    adapted = dataclasses.replace(spec, num_points=NUM_POINTS) if spec.modality == "points" else spec
+    for split, batch in _batches(name, data_root).items():
+        if split != "eval_ds":
+            adapted.check_batch(batch, where=f"{name} {split} batch")
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_shapes_of_target_denoiser_and_loss(name, data_root):
+    policy = _build(name, data_root, mode="train")
+    batch = _batches(name, data_root)["train"]
+    cond = policy.encode(batch)
+    x0 = policy.diffusion_target(batch)
+    assert x0.shape == (B, policy.action_dim) and x0.dtype == torch.float32
+    level2 = sample_level2(x0, M, policy.noise_scheduler)
+    eps = policy.denoise(level2.x_t, level2.t, cond)
+    assert eps.shape == (B, M, policy.action_dim)
+    losses = policy.loss(batch, level2, cond)
+    assert "total" in losses
+    for key, value in losses.items():
+        assert torch.is_tensor(value) and value.ndim == 0 and torch.isfinite(value), (key, value)
+    losses["total"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    assert set(level2_losses(policy, batch, M)) == set(losses)  # the loss names are the policy's, stable
+
+
+# --------------------------------------------------------------------------------------------- isolation
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", POLICIES)
+def test_changing_one_sample_changes_no_other_exactly(name, mode, data_root):
+    policy = _build(name, data_root, mode)  # dropout stays on in train mode: _denoise reseeds
+    _needs_shared_condition(policy)
+    with torch.no_grad():
+        cond = _encode(policy, _batches(name, data_root)["train"])
+        snapshot = [t.clone() for t in _tensors(cond)]
+        x, t = _samples(policy)
+        base = _denoise(policy, x, t, cond)
+        x2, t2 = x.clone(), t.clone()
+        x2[1, 2] += 0.37
+        t2[1, 2] = (t2[1, 2] + 41) % policy.noise_scheduler.config.num_train_timesteps
+        changed = _denoise(policy, x2, t2, cond)
+        if mode == "train":  # the comparison is only sound if the masks really are reproducible
+            assert torch.equal(base, _denoise(policy, x, t, cond))
+    others = torch.ones(B, M, dtype=torch.bool)
+    others[1, 2] = False
+    assert torch.equal(base[others], changed[others]), (base[others] - changed[others]).abs().max()
+    assert not torch.allclose(base[1, 2], changed[1, 2])
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, _tensors(cond)))  # denoise never writes the condition
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", POLICIES)
+def test_m_samples_together_equal_each_alone(name, mode, data_root):
+    policy = _build(name, data_root, mode, **(_no_dropout(name) if mode == "train" else {}))
+    _needs_shared_condition(policy)
+    with torch.no_grad():
+        cond = _encode(policy, _batches(name, data_root)["train"])
+        x, t = _samples(policy)
+        together = policy.denoise(x, t, cond)
+        assert torch.equal(together, policy.denoise(x, t, cond)), (
+            f"{name} denoises at random in train mode with every '*drop*' config field at 0 "
+            f"({sorted(_no_dropout(name))}); name its dropout rates so, or make them configurable")
+        for m in range(M):
+            alone = policy.denoise(x[:, m:m + 1], t[:, m:m + 1], cond)
+            torch.testing.assert_close(alone[:, 0], together[:, m], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", POLICIES)
+def test_gradient_of_one_sample_wrt_any_other_is_zero(name, mode, data_root):
+    # dropout stays on in train mode: an elementwise mask cannot create a cross-sample gradient
+    policy = _build(name, data_root, mode)
+    _needs_shared_condition(policy)
+    cond = _encode(policy, _batches(name, data_root)["train"])
+    x, t = _samples(policy)
+    x.requires_grad_(True)
+    out = _denoise(policy, x, t, cond)
+    for b, m in [(0, 0), (1, 3)]:
+        (grad,) = torch.autograd.grad(out[b, m].pow(2).sum(), x, retain_graph=True)
+        own = torch.zeros(B, M, dtype=torch.bool)
+        own[b, m] = True
+        assert torch.count_nonzero(grad[~own]) == 0, grad[~own].abs().max()
+        assert torch.count_nonzero(grad[own]) > 0
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_seeded_sampling_is_deterministic(name, data_root):
+    policy = _build(name, data_root)
+    batch = _batches(name, data_root)["eval"]
+    sampler = make_sampler(policy.noise_scheduler, SamplerConfig("ddim", 4))
+
+    def sample(seed: int) -> torch.Tensor:
+        torch.manual_seed(0)  # as evaluate_policy under train.py's fork_rng: the global RNG in one state
+        return policy.sample(batch, sampler, generator=torch.Generator().manual_seed(seed))
+
+    a = sample(7)
+    assert a.shape == (B, 8) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    torch.testing.assert_close(a[:, 3:7].norm(dim=-1), torch.ones(B), atol=1e-4, rtol=0)  # unit quaternions
+    assert torch.equal(a, sample(7))
+    assert not torch.equal(a[:, :3], sample(8)[:, :3])  # the generator does drive the sampler
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_state_dict_round_trip_through_a_checkpoint(name, data_root, tmp_path):
+    trained = _build(name, data_root, seed=0)
+    fresh = _build(name, data_root, seed=1)
+    save_checkpoint(tmp_path / "last.pt", {"model": trained.state_dict()})
+    batch = _batches(name, data_root)["eval"]
+    x, t = _samples(trained)
+
+    def outputs(policy):
+        with torch.no_grad():
+            return _denoise(policy, x, t, _encode(policy, batch))
+
+    before = outputs(fresh)
+    fresh.load_state_dict(load_checkpoint(tmp_path / "last.pt")["model"])
+    assert not torch.equal(before, outputs(trained))  # two seeds, two models: the test can fail
+    assert torch.equal(outputs(fresh), outputs(trained))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_world_actions_adds_the_offset_back(name, data_root):
+    policy = _build(name, data_root)
+    batch = _batches(name, data_root)["eval"]
+    assert not batch["rotation"].any()  # evaluation batches are not rotated
+    actions = policy.sample(batch, make_sampler(policy.noise_scheduler, SamplerConfig("ddim", 2)),
+                            generator=torch.Generator().manual_seed(0))
+    world = world_actions(actions, batch)
+    assert torch.equal(world[:, :3], actions[:, :3] + batch["offset"])
+    assert torch.equal(world[:, 3:], actions[:, 3:])
+
+
+def test_world_actions_undoes_the_training_augmentation(data_root):
+    """The same keysteps through the training transform (rotated, jittered, centred) and the evaluation one
+    (centred) land on the same world-frame targets."""
+    data = _batches("toy", data_root)
+    assert data["train"]["rotation"].abs().min() > 0
+    a, b = (world_actions(data[s]["target"], data[s]) for s in ("train", "eval"))
+    torch.testing.assert_close(a[:, :3], b[:, :3], atol=1e-5, rtol=0)
+    sign = torch.sign((a[:, 3:7] * b[:, 3:7]).sum(-1, keepdim=True))  # q and -q are one rotation
+    torch.testing.assert_close(a[:, 3:7] * sign, b[:, 3:7], atol=1e-5, rtol=0)
+    assert torch.equal(a[:, 7], b[:, 7])
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_offline_evaluation_runs(name, data_root):
+    policy = _build(name, data_root)
+    batches = eval_batches(_batches(name, data_root)["eval_ds"], 4, B)
+    metrics = evaluate_policy(policy, batches, make_sampler(policy.noise_scheduler, SamplerConfig("ddim", 2)),
+                              "cpu", generator=torch.Generator().manual_seed(0))
+    overall = metrics["overall"]
+    assert overall["n"] == 4 and math.isfinite(overall["pos_err_cm"]) and 0 <= overall["gripper_acc"] <= 100
+    assert not policy.training  # evaluate_policy restores the mode it found (eval here)
+
+
+# --------------------------------------------------------------------------------------------- the toy plugin
+
+
+def test_toy_policy_learns(data_root):
+    """Honest plugin: its own loss terms fall when trained with THE training step."""
+    policy = _build("toy", data_root, mode="train")
+    ds = _batches("toy", data_root)["eval_ds"]
+    batches = [collate_keysteps([ds[i] for i in range(k, k + 4)]) for k in range(0, len(ds) - 3, 4)]
+    trainer = TrainStep(policy, TrainConfig(lr=3e-3, warmup_steps=5, steps=150, weight_decay=0.0), "cpu")
+    torch.manual_seed(0)
+    rows = [{k: float(v) for k, v in trainer.step(batches[i % len(batches)], 16)[0].items()} for i in range(150)]
+    assert set(rows[0]) == {"noise_mse", "gripper_bce", "total"}
+
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+
+    for key in ("noise_mse", "gripper_bce", "total"):
+        assert mean(key, rows[-20:]) < 0.8 * mean(key, rows[:20]), key
+
+
+def _train_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main(sys.argv[1:]))",
+            "train", *overrides]
+
+
+def _toy_overrides(data_root, run_dir, *extra: str) -> list[str]:
+    train = {"B": 2, "M": 4, "steps": 6, "seed": 3, "eval_every": 3, "ckpt_every": 3, "warmup_steps": 1,
+             "progress": False}
+    return ["model=toy", "model.preset=tiny", f"data.path={data_root}", "data.workers=0", "data.num_points=64",
+            "data.eval_keysteps=4", "data.name=synthetic", f"hydra.run.dir={run_dir}",
+            *[f"train.{k}={v}" for k, v in train.items()], *extra]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(TOY_DIR))
+
+
+@pytest.fixture(scope="module")
+def toy_run(data_root, tmp_path_factory):
+    """``mdh train model=toy ...`` in a subprocess, as a user types it; ``model.options.hidden`` is set
+    without ``+`` (24, not the tiny preset's 16, so the record shows it took effect)."""
+    run_dir = tmp_path_factory.mktemp("toy_run") / "run"
+    out = _run(_train_cmd(*_toy_overrides(data_root, run_dir, "model.options.hidden=24")))
+    return run_dir, out
+
+
+def _csv_rows(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_mdh_train_runs_the_plugin_with_its_loss_names(toy_run):
+    run_dir, out = toy_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["status"] == "done" and record["model"] == "toy" and record["preset"] == "tiny"
+    assert record["model_config"]["hidden"] == 24 and record["ablation"] == {"hidden": 24}
+    rows = _csv_rows(run_dir / "steps.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    for r in rows:
+        for key in ("loss", "noise_mse", "gripper_bce"):
+            assert math.isfinite(float(r[key])), (key, r)
+
+
+def test_mdh_train_logs_the_plugin_loss_names_in_metrics_csv(toy_run):
+    run_dir, out = toy_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _csv_rows(run_dir / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    for r in rows:
+        for key in ("loss", "noise_mse", "gripper_bce", "pos_err_cm"):
+            assert math.isfinite(float(r[key])), (key, r)
+
+
+def test_mistyped_plugin_option_fails_at_compose_time(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    out = _run(_train_cmd(*_toy_overrides(data_root, run_dir, "model.options.hidden=abc")))
+    assert out.returncode != 0
+    assert "hidden" in out.stderr + out.stdout
+    assert not (run_dir / "record.json").exists()  # refused before the run started
+
+
+def test_bench_step_times_the_plugin(monkeypatch):
+    from harness.bench.step import bench_step
+
+    env = subprocess_env(TOY_DIR)
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # bench_step's subprocesses inherit os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = bench_step(model="toy", preset="tiny", B=2, Ms=[1, 4], steps=2, warmup=1)
+    assert [r["M"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["model"] == "toy" and r["step_time_median_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert len(r["step_times_s"]) == 2
