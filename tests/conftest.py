@@ -203,3 +203,20 @@ def original_msgpack():
 def msgpack_patched():
     with original_msgpack() as msgpack:
         yield msgpack
+
+
+@pytest.fixture
+def fake_rlbench(monkeypatch) -> tuple[type, type]:
+    """Importable stand-in rlbench modules, so a test can pickle Demo/Observation under their real names.
+    Returns (Observation class, Demo class); the modules leave sys.modules after the test."""
+    import sys
+
+    obs_cls = type("Observation", (), {"__module__": "rlbench.backend.observation"})
+    demo_cls = type("Demo", (), {"__module__": "rlbench.demo"})
+    mods = {n: types.ModuleType(n) for n in ("rlbench", "rlbench.backend", "rlbench.backend.observation",
+                                             "rlbench.demo")}
+    mods["rlbench.backend.observation"].Observation = obs_cls
+    mods["rlbench.demo"].Demo = demo_cls
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    return obs_cls, demo_cls

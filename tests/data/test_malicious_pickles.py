@@ -15,9 +15,7 @@ import pickle
 import shlex
 import shutil
 import struct
-import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -392,23 +390,10 @@ def test_numpy_round_trips(protocol):
             assert back == ref
 
 
-def _fake_rlbench(monkeypatch) -> tuple[type, type]:
-    """Importable rlbench modules, so the test can pickle Demo/Observation under their real names."""
-    obs_cls = type("Observation", (), {"__module__": "rlbench.backend.observation"})
-    demo_cls = type("Demo", (), {"__module__": "rlbench.demo"})
-    mods = {n: types.ModuleType(n) for n in ("rlbench", "rlbench.backend", "rlbench.backend.observation",
-                                             "rlbench.demo")}
-    mods["rlbench.backend.observation"].Observation = obs_cls
-    mods["rlbench.demo"].Demo = demo_cls
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return obs_cls, demo_cls
-
-
 @pytest.mark.parametrize("protocol", range(6))
-def test_real_episode_repickled_at_every_protocol(tmp_path, monkeypatch, protocol):
+def test_real_episode_repickled_at_every_protocol(tmp_path, monkeypatch, protocol, fake_rlbench):
     _need_fixture()
-    obs_cls, demo_cls = _fake_rlbench(monkeypatch)
+    obs_cls, demo_cls = fake_rlbench
     real = load_demo(EP0 / "low_dim_obs.pkl")
     demo = demo_cls()
     demo._observations = []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +35,6 @@ def source() -> RLBenchRawSource:
 @pytest.fixture(scope="module")
 def episodes(source) -> dict:
     return {k: source.read_episode("reach_target+0", k) for k in source.episode_keys("reach_target+0")}
-
-
-def _fake_rlbench(monkeypatch) -> tuple[type, type]:
-    """Register importable rlbench modules so the test can pickle Demo/Observation under their real names."""
-    obs_cls = type("Observation", (), {"__module__": "rlbench.backend.observation"})
-    demo_cls = type("Demo", (), {"__module__": "rlbench.demo"})
-    mods = {n: types.ModuleType(n) for n in ("rlbench", "rlbench.backend", "rlbench.backend.observation",
-                                             "rlbench.demo")}
-    mods["rlbench.backend.observation"].Observation = obs_cls
-    mods["rlbench.demo"].Demo = demo_cls
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return obs_cls, demo_cls
 
 
 def _link_episode(dst: Path, skip: tuple[str, ...] = (), low_dim: bool = True) -> Path:
@@ -260,8 +245,8 @@ def test_camera_image_count_mismatch(tmp_path, source):
     assert str(ep / "front_rgb") in str(err.value)
 
 
-def test_non_finite_gripper_pose(tmp_path, monkeypatch, source):
-    obs_cls, demo_cls = _fake_rlbench(monkeypatch)
+def test_non_finite_gripper_pose(tmp_path, monkeypatch, source, fake_rlbench):
+    obs_cls, demo_cls = fake_rlbench
     real = load_pickle(EP0 / "low_dim_obs.pkl")
     demo = demo_cls()
     demo._observations = []
