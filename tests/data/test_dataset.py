@@ -103,6 +103,30 @@ def test_keysteps_kind_items(dataset_root):
     assert np.all((world > lo) & (world < hi)) and np.all(world[:, 2] > 0.0005)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_image_policies_get_images_and_point_maps_in_the_points_frame(dataset_root, train):
+    """TransformConfig(images=True), what an InputSpec(modality="images") asks for: the camera images and the
+    world point maps, rotated and centred exactly like the points and poses; they collate."""
+    from harness.data.transforms import rotate_z
+    from harness.policy import InputSpec
+
+    d = KeystepDataset(dataset_root.root, kind="keysteps",
+                       transform=TransformConfig(num_points=N, train=train, images=True), seed=3)
+    raw = KeystepDataset(dataset_root.root, kind="keysteps", transform=None)
+    for i in (0, 5):
+        it, ks = d[i], raw[i]
+        n_cam, _, H, W = ks.point_maps.shape
+        assert it["images"].shape == (n_cam, 3, H, W) and np.allclose(it["images"], ks.images)
+        world = ks.point_maps.transpose(0, 2, 3, 1).reshape(-1, 3)
+        turned = rotate_z(world, ks.pose[None], float(it["rotation"]), dataset_root.meta.robot_base)[0]
+        expected = (turned - it["offset"]).reshape(n_cam, H, W, 3).transpose(0, 3, 1, 2)
+        assert it["point_maps"].shape == (n_cam, 3, H, W)
+        assert np.allclose(it["point_maps"], expected, atol=1e-5)
+        assert (it["rotation"] != 0) == train
+    batch = collate_keysteps([d[0], d[1]])
+    InputSpec("images", text_dim=batch["text_tokens"].shape[-1]).check_batch(batch)
+
+
 def test_text_files_and_meta_are_found_beside_the_data(ds, dataset_root):
     assert ds.instructions_path == (dataset_root.root / "taskvars_instructions.json").resolve()
     assert ds.embeds_path == (dataset_root.root / "instr_embeds_hash.npy").resolve()
