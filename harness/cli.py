@@ -10,7 +10,6 @@ import sys
 from harness.data.errors import DataError
 
 NOT_BUILT = {
-    "sweep": "Hydra + Submitit sweeps",
     "eval": "closed-loop evaluation",
 }
 
@@ -104,11 +103,53 @@ def build_parser() -> argparse.ArgumentParser:
     runs = rsub.add_parser("runs", help="key figures of run folders side by side")
     runs.add_argument("run_dirs", nargs="+")
     runs.add_argument("--json", action="store_true")
+    _add_sweep(sub)
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{what} (not built yet)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     _add_bench(sub)
     return parser
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="run a sweep file (sweeps/NAME.yaml) or report on one: `mdh sweep status DIR`",
+                       description="mdh sweep NAME [overrides ...]: run every cell of sweeps/NAME.yaml (or a YAML "
+                                   "path) into results/NAME/; finished runs are skipped, interrupted ones resume. "
+                                   "mdh sweep status DIR [--json]: the state of each run of a sweep folder.")
+    p.add_argument("name", help="sweep name (sweeps/NAME.yaml), a sweep YAML path, or `status`")
+    p.add_argument("overrides", nargs="*", help="overrides for every cell (e.g. data.path=... cluster=slurm); "
+                                                "with `status`: the sweep folder")
+    p.add_argument("--out", default=None, help="output folder (default results/NAME)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, launch nothing")
+    p.add_argument("--no-wait", action="store_true", help="submit and return (slurm, local_parallel)")
+    p.add_argument("--json", action="store_true", help="with `status`: one JSON list")
+
+
+def _sweep(args) -> int:
+    from harness.config import ConfigError
+    from harness.launch import format_status, run_sweep, sweep_status
+
+    try:
+        if args.name == "status":
+            if len(args.overrides) != 1:
+                raise ConfigError("usage: mdh sweep status DIR [--json]")
+            rows = sweep_status(args.overrides[0])
+            print(json.dumps(rows) if args.json else format_status(rows))
+            return 0
+        planned, outcomes = run_sweep(args.name, args.overrides, out=args.out, retry_failed=args.retry_failed,
+                                      dry_run=args.dry_run, wait=not args.no_wait)
+    except ConfigError as e:
+        print(f"mdh sweep: error: {e}", file=sys.stderr)
+        return 2
+    for p in planned:
+        outcome = outcomes.get(p.run_dir.name)
+        what = outcome or ("skipped (done)" if p.state == "done" else
+                           "skipped (failed; --retry-failed runs it again)" if p.state == "failed" else
+                           "skipped (running elsewhere)" if p.state == "running" else "planned")
+        print(f"{p.run_dir}: {what}  [{' '.join(p.cell)}]")
+    failed = [o for o in outcomes.values() if o.startswith("failed")]
+    return 1 if failed else 0
 
 
 def _data(args) -> int:
@@ -186,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_known_args: REMAINDER in a subparser does not swallow leading options (`mdh train --steps 5`)
     args, extra = parser.parse_known_args(argv)
+    if args.cmd == "sweep":  # overrides after an option come back as extras (argparse does not intermix)
+        args.overrides += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
     if extra and args.cmd not in NOT_BUILT:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -195,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        return {"data": _data, "bench": _bench, "report": _report}[args.cmd](args)
+        return {"data": _data, "bench": _bench, "report": _report, "sweep": _sweep}[args.cmd](args)
     except DataError as e:
         print(f"mdh {args.cmd}: error: {e}", file=sys.stderr)
         return 1

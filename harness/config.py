@@ -81,9 +81,29 @@ class TrainConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where runs execute (the sweeps issue adds launchers); ``name`` is recorded."""
+    """Where ``mdh sweep`` runs its jobs (harness/launch.py); not part of a run's identity.
+
+    ``name``: "local" (one after another in this process), "local_parallel" (at most ``max_parallel``
+    subprocesses through submitit) or "slurm" (submitit job array). SLURM: ``partition``, ``account``,
+    ``qos``, ``gpus_per_task``, ``cpus_per_task``, ``mem_gb`` (null: the cluster's default),
+    ``timeout_min`` (time limit), ``array_parallelism``, ``signal_delay_s`` (SIGUSR2 this long before the
+    limit: the run checkpoints and requeues itself), ``max_requeues`` (preemptions / time limits survived
+    before the run is left interrupted), ``setup`` (shell lines before the job, e.g. module loads).
+    """
 
     name: str = "local"
+    max_parallel: int = 2
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_task: int = 0
+    cpus_per_task: int = 2
+    mem_gb: float | None = None
+    timeout_min: int = 60
+    array_parallelism: int = 16
+    signal_delay_s: int = 120
+    max_requeues: int = 3
+    setup: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +170,14 @@ def validate_config(cfg: RunConfig) -> None:
     for key, value in (("data.split", d.split), ("data.val_split", d.val_split), ("data.name", d.name)):
         if not isinstance(value, str) or not value or "/" in value:
             raise ConfigError(f"{key} must be a non-empty folder name, got {value!r}")
+    c = cfg.cluster
+    if c.name not in ("local", "local_parallel", "slurm"):
+        raise ConfigError(f"cluster must be local, local_parallel or slurm, got {c.name!r}")
+    for key, value, minimum in (("cluster.max_parallel", c.max_parallel, 1), ("cluster.gpus_per_task", c.gpus_per_task, 0),
+                                ("cluster.cpus_per_task", c.cpus_per_task, 1), ("cluster.timeout_min", c.timeout_min, 1),
+                                ("cluster.array_parallelism", c.array_parallelism, 1),
+                                ("cluster.signal_delay_s", c.signal_delay_s, 0), ("cluster.max_requeues", c.max_requeues, 0)):
+        _positive_int(value, key, minimum)
     if m.name not in policy_names():
         raise ConfigError(f"unknown model {m.name!r}; choices: {policy_names()}")
     if not Path(d.path).expanduser().exists():

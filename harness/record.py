@@ -86,6 +86,7 @@ class RecordSchema:
     started_at: str | None = None
     finished_at: str | None = None
     died: dict | None = None
+    launches: list | None = None
     timing: dict | None = None
     memory: dict | None = None
     cost: dict | None = None

@@ -238,7 +238,8 @@ def refuse_other_configuration(run_dir: Path, old: dict | None, new: dict, what:
 
 
 def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = None,
-                 config_yaml: str | None = None, overrides: list[str] | None = None) -> dict:
+                 config_yaml: str | None = None, overrides: list[str] | None = None,
+                 launcher: dict | None = None) -> dict:
     """Train (or resume, or skip if done) the run in ``run_dir``; returns the final record dict.
 
     Owns ``run_dir`` for its whole duration (``RunLock``); refuses a folder written under another
@@ -251,11 +252,11 @@ def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = No
             cfg.model, preset=get_policy(cfg.model.name).default_preset))
     run_dir = Path(run_dir)
     with RunLock(run_dir) as lock:
-        return _run_owned(cfg, run_dir, lock, resolved, config_yaml, overrides)
+        return _run_owned(cfg, run_dir, lock, resolved, config_yaml, overrides, launcher)
 
 
 def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | None,
-               config_yaml: str | None, overrides: list[str] | None) -> dict:
+               config_yaml: str | None, overrides: list[str] | None, launcher: dict | None = None) -> dict:
     record = RunRecord(run_dir)
     removed = remove_stale_temporaries(run_dir) + remove_stale_temporaries(record.ckpt_dir)
     if removed:
@@ -299,7 +300,9 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | No
         data={"path": str(cfg.data.path), "train_keysteps": len(train_ds), "eval_split": eval_split,
               "eval_keysteps": min(cfg.data.eval_keysteps, len(eval_ds)), "meta": train_ds.meta_source,
               "skipped": dict(train_ds.skipped), "identity": identity},
-        owner=lock_owner_fields(), loader=plan, checkpoint_step=(previous or {}).get("checkpoint_step"),
+        owner=lock_owner_fields(), loader=plan,
+        launches=[*((previous or {}).get("launches") or []),
+                  {**(launcher or {}), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}], checkpoint_step=(previous or {}).get("checkpoint_step"),
         versions={"torch": torch.__version__, "python": platform.python_version()},
         started_at=(previous or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     last_good = {"step": (previous or {}).get("checkpoint_step"), "path": ckpt_path}
@@ -361,7 +364,8 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
     def on_signal(signum, frame):
         stop["signum"] = signum
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    # SIGUSR2: SLURM's --signal before a time limit / preemption (submitit's choice); SIGTERM: preemption
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     session_start = time.perf_counter()
 
     def wall() -> float:

@@ -1,0 +1,370 @@
+"""Sweeps: many training runs, launched locally or on SLURM through submitit, resumable and idempotent.
+
+A sweep file (``sweeps/<name>.yaml``) lists CELLS explicitly (paired settings, e.g. the rows of Table 3),
+optionally crossed with a ``grid`` (e.g. seeds):
+
+    description: what it reproduces            # also in a header comment, with the expected cost
+    overrides: [model.preset=small, train.steps=300]       # every cell
+    grid: {train.seed: [0, 1, 2]}                           # optional: each cell x each combination
+    cells:
+      - [train.M=1]
+      - [train.M=64, model.options.rope3d=false]
+
+Each cell is composed with Hydra's compose API over the same typed schemas as ``mdh train`` (sweep
+overrides, then the command line's, then the cell's own), so a typo fails before anything is submitted.
+Its run folder is ``<out>/<prefix>-<fingerprint>`` (the name ``mdh train`` would choose), so a run's
+identity is its semantic configuration: finished runs are skipped, interrupted or dead ones resume from
+their checkpoint, failed ones are retried only with ``retry_failed``.
+
+Why submitit directly rather than Hydra's submitit launcher: Hydra cannot resume a sweep, only runs
+cartesian products, and its launcher cannot run our checkpoint logic on preemption. Here a job that gets
+the preemption/time-limit signal (SIGUSR2 from ``--signal``, or SIGTERM) finishes its step, checkpoints,
+and requeues itself (``scontrol requeue``) at most ``cluster.max_requeues`` times; any other failure is
+not requeued and its error lands in the run's record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from harness.config import ConfigError, RunConfig
+from harness.record import RecordError, RunRecord, write_text_atomic
+from harness.runlock import lock_holder
+
+log = logging.getLogger(__name__)
+
+SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+MANIFEST = "sweep.json"
+CLUSTERS = ("local", "local_parallel", "slurm")
+
+
+# --------------------------------------------------------------------------------------------- sweep files
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    description: str = ""
+    overrides: list[str] = field(default_factory=list)
+    cells: list[list[str]] = field(default_factory=list)
+
+    def cell_overrides(self, extra: list[str]) -> list[list[str]]:
+        """Per cell: the sweep's overrides, then ``extra`` (the command line), then the cell's own."""
+        return [[*self.overrides, *extra, *cell] for cell in self.cells]
+
+
+def find_sweep(name: str) -> Path:
+    """``name`` as a path to a YAML file, or ``sweeps/<name>.yaml`` of this repository."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    candidate = SWEEPS_DIR / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(q.stem for q in SWEEPS_DIR.glob("*.yaml")) if SWEEPS_DIR.is_dir() else []
+    raise ConfigError(f"no sweep {name!r}: not a YAML file and not one of {known} in {SWEEPS_DIR}")
+
+
+def load_sweep(name: str) -> Sweep:
+    path = find_sweep(name)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"sweep file {path} must hold a mapping with 'cells'")
+    unknown = sorted(set(doc) - {"description", "overrides", "grid", "cells"})
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown keys {unknown}; expected description, overrides, grid, cells")
+
+    def str_list(value, where: str) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+            raise ConfigError(f"sweep file {path}: {where} must be a list of 'key=value' strings, got {value!r}")
+        return list(value)
+
+    overrides = str_list(doc.get("overrides", []), "overrides")
+    cells = [str_list(c, f"cells[{i}]") for i, c in enumerate(doc.get("cells") or [[]])]
+    grid = doc.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"sweep file {path}: grid must map keys to non-empty lists, got {grid!r}")
+    if grid:
+        combos = [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
+        cells = [[*cell, *combo] for cell in cells for combo in combos]
+    return Sweep(name=path.stem, path=path, description=str(doc.get("description", "")), overrides=overrides,
+                 cells=cells)
+
+
+# --------------------------------------------------------------------------------------------- composition
+
+
+def compose_run(overrides: list[str]) -> tuple[RunConfig, dict, str, str]:
+    """Overrides -> (RunConfig, resolved dict, resolved YAML, default run-folder name) exactly as
+    ``mdh train`` composes them. Bad keys or values -> ``ConfigError``."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    import harness.train_app  # noqa: F401  (schemas, per-policy model nodes, the fingerprint resolver)
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="harness.conf", version_base=None):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            run_name = Path(str(cfg.hydra.run.dir)).name
+            with open_dict(cfg):
+                del cfg["hydra"]
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            return OmegaConf.to_object(cfg), resolved, OmegaConf.to_yaml(cfg, resolve=True), run_name
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"overrides {overrides}: {str(e).splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@dataclass
+class PlannedRun:
+    cell: list[str]
+    overrides: list[str]
+    run_dir: Path
+    state: str          # done | running | failed | pending (new, interrupted or died: resumes)
+    error: str | None = None
+
+
+def run_state(run_dir: Path) -> tuple[str, dict | None]:
+    """(done | running | failed | interrupted | died | pending, record) of one run folder."""
+    try:
+        record = RunRecord(run_dir).load()
+    except RecordError as e:
+        return "failed", {"error": str(e)}
+    if record is None:
+        return ("running" if lock_holder(run_dir) is not None else "pending"), None
+    status = record.get("status") or "pending"
+    if status == "running" and lock_holder(run_dir) is None:
+        status = "died"
+    return status, record
+
+
+def plan_sweep(sweep: Sweep, out_dir: Path, extra: list[str], retry_failed: bool = False) -> list[PlannedRun]:
+    """Compose every cell, name its run folder and decide what to do with it."""
+    planned, seen = [], {}
+    for cell, overrides in zip(sweep.cells, sweep.cell_overrides(extra)):
+        _, _, _, name = compose_run(overrides)
+        if name in seen:
+            raise ConfigError(f"sweep {sweep.name}: cells {seen[name]} and {cell} are the same run ({name})")
+        seen[name] = cell
+        run_dir = out_dir / name
+        state, record = run_state(run_dir)
+        error = (record or {}).get("error")
+        if state in ("interrupted", "died") or (state == "failed" and retry_failed):
+            state = "pending"
+        planned.append(PlannedRun(cell, overrides, run_dir, state, error))
+    return planned
+
+
+def write_manifest(sweep: Sweep, out_dir: Path, planned: list[PlannedRun], extra: list[str]) -> None:
+    """``<out>/sweep.json``: what the sweep holds, so ``status`` can list runs that have not started."""
+    write_text_atomic(out_dir / MANIFEST, json.dumps({
+        "sweep": sweep.name, "file": str(sweep.path), "description": sweep.description, "overrides": extra,
+        "runs": [{"run": p.run_dir.name, "cell": p.cell, "overrides": p.overrides} for p in planned]},
+        indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- jobs
+
+
+class TrainJob:
+    """One run as a submitit job: compose, train (resuming), and on the preemption / time-limit signal
+    checkpoint and requeue itself, at most ``max_requeues`` times."""
+
+    def __init__(self, overrides: list[str], run_dir: str, max_requeues: int = 3):
+        self.overrides = list(overrides)
+        self.run_dir = str(run_dir)
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> dict:
+        from harness.train import run_training
+
+        cfg, resolved, yaml_text, _ = compose_run(self.overrides)
+        try:
+            return run_training(cfg, self.run_dir, resolved=resolved, config_yaml=yaml_text,
+                                overrides=self.overrides, launcher=launcher_info())
+        except SystemExit as stop:  # StopRequested: the checkpoint is written; the run is resumable
+            if os.environ.get("SLURM_JOB_ID") and isinstance(stop.code, int) and stop.code > 128:
+                self._requeue_or_give_up(stop.code - 128)
+            raise
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this when the signal arrives outside the training loop (while loading data):
+        nothing to save yet; run the same job again."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.run_dir, self.max_requeues))
+
+    def _requeue_or_give_up(self, signum: int) -> None:
+        import signal as _signal
+
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        name = _signal.Signals(signum).name
+        if restarts >= self.max_requeues:
+            raise RuntimeError(f"{self.run_dir}: stopped by {name} after {restarts} requeues "
+                               f"(cluster.max_requeues={self.max_requeues}); not requeued again")
+        import submitit
+
+        job_id = submitit.JobEnvironment().job_id
+        subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
+        log.warning("%s: checkpointed on %s and requeued job %s (restart %d of at most %d)", self.run_dir, name,
+                    job_id, restarts + 1, self.max_requeues)
+        sys.exit(-1)  # as submitit does after a requeue: no result file, the requeued job writes it
+
+
+def launcher_info() -> dict:
+    """Where this process runs: cluster job id and restart count (None outside SLURM)."""
+    env = os.environ
+    return {"slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+            "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+            "restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0) if env.get("SLURM_JOB_ID") else None,
+            "host": os.uname().nodename}
+
+
+def _executor(cluster, out_dir: Path):
+    import submitit
+
+    folder = out_dir / ".submitit" / "%j"
+    if cluster.name == "slurm":
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")  # explicit: an installed client changes the default
+        params = {"timeout_min": cluster.timeout_min, "cpus_per_task": cluster.cpus_per_task,
+                  "tasks_per_node": 1, "nodes": 1, "slurm_signal_delay_s": cluster.signal_delay_s,
+                  "slurm_array_parallelism": cluster.array_parallelism, "name": "mdh"}
+        if cluster.gpus_per_task:
+            params["gpus_per_node"] = cluster.gpus_per_task
+        if cluster.mem_gb:
+            params["mem_gb"] = cluster.mem_gb
+        for key in ("partition", "account", "qos"):
+            if getattr(cluster, key):
+                params[f"slurm_{key}"] = getattr(cluster, key)
+        if cluster.setup:
+            params["slurm_setup"] = list(cluster.setup)
+        ex.update_parameters(**params)
+        return ex
+    ex = submitit.AutoExecutor(folder=folder, cluster="local")
+    ex.update_parameters(timeout_min=cluster.timeout_min)
+    return ex
+
+
+def launch(planned: list[PlannedRun], cluster, out_dir: Path, wait: bool = True) -> dict[str, str]:
+    """Run every pending run of ``planned`` on ``cluster`` (a ``ClusterConfig``); returns {run: outcome}."""
+    todo = [p for p in planned if p.state == "pending"]
+    outcomes: dict[str, str] = {}
+    if not todo:
+        return outcomes
+    if cluster.name == "local":  # one after another, in this process
+        from harness.train import run_training
+
+        for p in todo:
+            cfg, resolved, yaml_text, _ = compose_run(p.overrides)
+            try:
+                record = run_training(cfg, p.run_dir, resolved=resolved, config_yaml=yaml_text,
+                                      overrides=p.overrides, launcher=launcher_info())
+                outcomes[p.run_dir.name] = record.get("status") or "?"
+            except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep; its record says why
+                outcomes[p.run_dir.name] = f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                log.error("run %s failed: %s", p.run_dir, e)
+        return outcomes
+    executor = _executor(cluster, out_dir)
+    jobs = []
+    if cluster.name == "slurm":
+        with executor.batch():
+            for p in todo:
+                jobs.append((p, executor.submit(TrainJob(p.overrides, str(p.run_dir), cluster.max_requeues))))
+    else:  # local_parallel: at most max_parallel subprocesses at a time
+        queue = list(todo)
+        running: list = []
+        while queue or running:
+            while queue and len(running) < cluster.max_parallel:
+                p = queue.pop(0)
+                job = executor.submit(TrainJob(p.overrides, str(p.run_dir), 0))
+                running.append((p, job))
+                jobs.append((p, job))
+            time.sleep(0.5)
+            running = [(p, j) for p, j in running if not j.done()]
+    for p, job in jobs:
+        log.info("run %s: job %s", p.run_dir.name, job.job_id)
+    if not wait:
+        return {p.run_dir.name: f"submitted as job {job.job_id}" for p, job in jobs}
+    for p, job in jobs:
+        try:
+            outcomes[p.run_dir.name] = (job.result() or {}).get("status") or "?"
+        except Exception as e:  # noqa: BLE001 - report every run; the record holds the details
+            outcomes[p.run_dir.name] = f"failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
+    return outcomes
+
+
+def run_sweep(name: str, extra: list[str], out: str | None = None, retry_failed: bool = False,
+              dry_run: bool = False, wait: bool = True) -> tuple[list[PlannedRun], dict[str, str]]:
+    """``mdh sweep NAME``: plan, write the manifest, launch what is pending."""
+    sweep = load_sweep(name)
+    out_dir = Path(out) if out else Path("results") / sweep.name
+    planned = plan_sweep(sweep, out_dir, extra, retry_failed)
+    if dry_run:
+        return planned, {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(sweep, out_dir, planned, extra)
+    cfg, _, _, _ = compose_run([*sweep.overrides, *extra])  # the cluster group comes from the sweep / command line
+    return planned, launch(planned, cfg.cluster, out_dir, wait=wait)
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+def sweep_status(out_dir: str | os.PathLike) -> list[dict]:
+    """One row per run of a sweep folder: run, state, step, steps, key figures, error line."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ConfigError(f"sweep folder {out_dir} does not exist")
+    names: list[str] = []
+    manifest = out_dir / MANIFEST
+    if manifest.is_file():
+        names = [r["run"] for r in json.loads(manifest.read_text()).get("runs", [])]
+    names += sorted(p.name for p in out_dir.iterdir()
+                    if p.is_dir() and (p / "record.json").is_file() and p.name not in names)
+    rows = []
+    for name in names:
+        state, record = run_state(out_dir / name)
+        record = record or {}
+        overall = ((record.get("final_metrics") or {}).get("overall")) or {}
+        timing = record.get("timing") or {}
+        error = record.get("error")
+        rows.append({"run": name, "state": state, "step": record.get("steps_done"),
+                     "steps": record.get("steps_total"), "B": record.get("B"), "M": record.get("M"),
+                     "pos_err_cm": overall.get("pos_err_cm"), "pct_within_1cm": overall.get("pct_within_1cm"),
+                     "step_time_median_s": timing.get("step_time_median_s"),
+                     "error": error.splitlines()[0] if isinstance(error, str) and error else None})
+    return rows
+
+
+def format_status(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    def fmt(v, d):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    table = [[r["run"], r["state"], f"{r['step'] or 0}/{r['steps'] or '?'}", fmt(r["pos_err_cm"], 2),
+              fmt(r["pct_within_1cm"], 1), fmt(r["step_time_median_s"], 3), r["error"] or ""] for r in rows]
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "pending", "failed", "died",
+                                                              "interrupted")}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return tabulate(table, ["run", "state", "step", "pos err cm", "% 1 cm", "median step s", "error"],
+                    tablefmt="github") + f"\n{len(rows)} runs: {summary}"
