@@ -219,8 +219,12 @@ class TrainJob:
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         name = _signal.Signals(signum).name
         if restarts >= self.max_requeues:
-            raise RuntimeError(f"{self.run_dir}: stopped by {name} after {restarts} requeues "
-                               f"(cluster.max_requeues={self.max_requeues}); not requeued again")
+            reason = (f"stopped by {name} after {restarts} requeues (cluster.max_requeues={self.max_requeues}); "
+                      "not requeued again: re-run the sweep to resume")
+            record = RunRecord(self.run_dir)
+            if record.load() is not None:
+                record.update(error=reason)
+            raise RuntimeError(f"{self.run_dir}: {reason}")
         import submitit
 
         job_id = submitit.JobEnvironment().job_id
