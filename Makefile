@@ -42,3 +42,15 @@ quick: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Local single-node SLURM cluster for tests/slurm (README "Local SLURM cluster"); needs root and apt.
+# Clients then need: eval "$$(scripts/slurm-local.sh env)"   (the tests set it themselves)
+.PHONY: slurm-up slurm-down
+
+slurm-up:
+	bash scripts/slurm-local.sh install
+	bash scripts/slurm-local.sh up
+	@bash scripts/slurm-local.sh env
+
+slurm-down:
+	bash scripts/slurm-local.sh down
