@@ -156,10 +156,16 @@ def _data(args) -> int:
     if args.data_cmd == "metaworld":
         from harness.data.metaworld.generate import format_oracle_table, generate_suite
 
-        summary = generate_suite(args.out, tasks=args.tasks, episodes=args.episodes,
-                                 val_episodes=args.val_episodes, test_episodes=args.test_episodes,
-                                 image_size=args.image_size, seed=args.seed, encoder=args.encoder,
-                                 stride=args.stride, progress=not args.no_progress)
+        try:
+            summary = generate_suite(args.out, tasks=args.tasks, episodes=args.episodes,
+                                     val_episodes=args.val_episodes, test_episodes=args.test_episodes,
+                                     image_size=args.image_size, seed=args.seed, encoder=args.encoder,
+                                     stride=args.stride, progress=not args.no_progress)
+        except ValueError as e:  # unknown task names, bad counts: one line, not a traceback
+            if isinstance(e, DataError):
+                raise
+            print(f"mdh data metaworld: error: {e}", file=sys.stderr)
+            return 2
         if args.no_progress:  # with progress on, generate_suite printed the table already
             print(format_oracle_table(summary))
         print(f"wrote {summary['out']} in {summary['seconds']:.0f} s "

@@ -116,3 +116,11 @@ def test_report_runs_side_by_side(capsys, tmp_path):
     assert "8 x 64" in out and "12.5" in out and "1024" in out
     assert main(["report", "runs", str(tmp_path / "missing")]) == 1
     assert "no record.json" in capsys.readouterr().err
+
+
+def test_metaworld_unknown_task_is_one_line(capsys, tmp_path):
+    from harness.cli import main
+
+    assert main(["data", "metaworld", "--tasks", "reach", "--out", str(tmp_path / "mw")]) == 2
+    err = capsys.readouterr().err
+    assert "mdh data metaworld: error: unknown Meta-World task(s) ['reach']" in err and "Traceback" not in err
