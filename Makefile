@@ -29,16 +29,15 @@ test-all: venv
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 QUICK_STEPS ?= 300
-QUICK_RUNS ?= results/runs/quick
 
+# The quick sweep (sweeps/quick.yaml: Mini-Diffuser small at M = 1, 8, 64) on the embedded suite; re-running
+# it skips finished runs and resumes interrupted ones.
 quick: venv
 	$(BIN)/mdh data metaworld --tasks mt10 --episodes 20 --out $(QUICK_DATA)
 	$(BIN)/mdh data inspect $(QUICK_DATA)
-	$(BIN)/mdh train data.path=$(QUICK_DATA) train.M=1 train.steps=$(QUICK_STEPS) train.eval_every=100 \
-		train.ckpt_every=100 hydra.run.dir=$(QUICK_RUNS)-M1
-	$(BIN)/mdh train data.path=$(QUICK_DATA) train.M=64 train.steps=$(QUICK_STEPS) train.eval_every=100 \
-		train.ckpt_every=100 hydra.run.dir=$(QUICK_RUNS)-M64
-	$(BIN)/mdh report runs $(QUICK_RUNS)-M1 $(QUICK_RUNS)-M64
+	$(BIN)/mdh sweep quick data.path=$(QUICK_DATA) train.steps=$(QUICK_STEPS)
+	$(BIN)/mdh sweep status results/quick
+	$(BIN)/mdh report runs results/quick/*/
 
 clean:
 	rm -rf $(VENV) build *.egg-info
