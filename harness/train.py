@@ -4,10 +4,19 @@ The loop draws every Level-2 batch through ``harness.level2.sample_level2``; not
 about M. Re-running with the same run folder resumes from ``ckpt/last.pt`` (model, optimizer, LR
 schedule, EMA, every RNG state, the batch order, the step log); a finished run is not run again.
 SIGTERM and SIGUSR1 checkpoint at the end of the current step and exit with 128 + the signal number.
+
+Data parallel (launched by torchrun, see harness/distributed.py): ``train.B`` is the batch of each of the W
+processes. Every rank draws global batch k of ``B * W`` keysteps from the one-process batch order and keeps
+its own contiguous slice, draws the Level-2 noise of the whole global batch and keeps its slice, and the
+gradients are averaged, so the run computes what one process at ``B * W`` computes (up to the order of
+floating-point sums). Rank 0 alone holds the run lock and writes the record, the logs and the checkpoints
+and runs the offline evaluation; every rank resumes from the same checkpoint; a signal to any rank stops
+all of them after the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -34,6 +43,7 @@ from harness.data.meta import resolve_meta
 from harness.data.sampler import ResumableBatchSampler
 from harness.data.transforms import TransformConfig
 from harness.diffusion import SamplerConfig, make_sampler
+from harness.distributed import Distributed, DistributedError
 from harness.evaluate.offline import evaluate_policy
 from harness.fingerprint import config_differences, fingerprint, semantic_config
 from harness.measure.cost import cost_summary
@@ -42,7 +52,9 @@ from harness.measure.timing import StepTimer
 from harness.policy import DataInfo, InputSpec, build_policy, get_policy, options_to_overrides
 from harness.record import (
     NON_LOSS_STEP_COLUMNS,
+    RECORD_FIELDS,
     DiskFullError,
+    RecordError,
     RunRecord,
     disk_full_path,
     remove_stale_temporaries,
@@ -59,7 +71,9 @@ class StopRequested(Exception):
         super().__init__(f"signal {signal.Signals(signum).name}")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -67,11 +81,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def device_info(device: torch.device) -> dict:
+def device_info(device: torch.device, dist: Distributed | None = None) -> dict:
+    """What the run trains on; ``count`` = devices used (the W processes of a data-parallel run, one device
+    each), which the cost multiplies by."""
+    world = dist.world_size if dist is not None else 1
+    extra = {"world_size": world, "backend": dist.backend} if world > 1 else {}
     if device.type == "cuda":
-        return {"kind": "cuda", "name": torch.cuda.get_device_name(device), "count": 1}
-    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "count": 1,
-            "threads": torch.get_num_threads()}
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(device), "count": world, **extra}
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "count": world,
+            "threads": torch.get_num_threads(), **extra}
 
 
 def git_commit() -> str | None:
@@ -129,7 +147,7 @@ def transform_for(spec: InputSpec, cfg: RunConfig, train: bool) -> TransformConf
                            images=spec.modality == "images")
 
 
-def build_datasets(cfg: RunConfig, policy) -> tuple[KeystepDataset, KeystepDataset, str]:
+def build_datasets(cfg: RunConfig, policy, world_size: int = 1) -> tuple[KeystepDataset, KeystepDataset, str]:
     """(train dataset, evaluation dataset, name of the evaluated split), transformed as the policy's input
     spec asks."""
     d = cfg.data
@@ -147,16 +165,17 @@ def build_datasets(cfg: RunConfig, policy) -> tuple[KeystepDataset, KeystepDatas
         log.warning("no held-out split %r under %s: evaluating on %r without augmentation", d.val_split, path,
                     d.split)
     evalset = KeystepDataset(path, split=eval_split, transform=transform_for(spec, cfg, False), **common)
-    check_dataset_fits_policy(train, policy, cfg)
+    check_dataset_fits_policy(train, policy, cfg, world_size)
     return train, evalset, eval_split
 
 
-def check_dataset_fits_policy(ds: KeystepDataset, policy, cfg: RunConfig) -> None:
+def check_dataset_fits_policy(ds: KeystepDataset, policy, cfg: RunConfig, world_size: int = 1) -> None:
     """The data must deliver what the policy's input spec names (keys, shapes, dtypes, text width)."""
     if len(ds) == 0:
         raise ConfigError(f"data.path={cfg.data.path!r} holds no keysteps")
-    if len(ds) < cfg.train.B:
-        raise ConfigError(f"train.B={cfg.train.B} but data.path={cfg.data.path!r} (split {cfg.data.split!r}) "
+    if len(ds) < cfg.train.B * world_size:
+        batch = f"train.B={cfg.train.B}" + (f" x {world_size} processes" if world_size > 1 else "")
+        raise ConfigError(f"{batch} but data.path={cfg.data.path!r} (split {cfg.data.split!r}) "
                           f"holds {len(ds)} training keysteps, fewer than one batch; lower train.B")
     spec = policy.input_spec
     if spec.text_dim is not None and ds[0].get("text_tokens") is None:
@@ -244,28 +263,118 @@ def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = No
 
     Owns ``run_dir`` for its whole duration (``RunLock``); refuses a folder written under another
     semantic configuration (``harness.fingerprint``) or other data; a full disk ends in ``DiskFullError``
-    naming the file and the last good checkpoint.
+    naming the file and the last good checkpoint. Launched by torchrun (``WORLD_SIZE`` > 1), this process is
+    one rank of a data-parallel run: rank 0 owns the folder, the others train beside it.
     """
     validate_config(cfg)
     if cfg.model.preset is None:  # one spelling of "the default preset", so both fingerprint alike
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, preset=get_policy(cfg.model.name).default_preset))
     run_dir = Path(run_dir)
-    with RunLock(run_dir) as lock:
-        return _run_owned(cfg, run_dir, lock, resolved, config_yaml, overrides, launcher)
+    try:
+        dist = Distributed.from_env()
+        # one process: the device is resolved after the folder checks, as always (a done run is not refused)
+        device = resolve_device(dist.device_for(cfg.train.device)) if dist.enabled else None
+    except DistributedError as e:
+        raise ConfigError(str(e)) from None
+    dist.init(device)
+    try:
+        with contextlib.ExitStack() as owned:
+            def take_folder() -> RunLock:
+                return owned.enter_context(RunLock(run_dir))
+
+            lock = on_main(dist, take_folder)  # rank 0 alone holds the lock; a busy folder stops every rank
+            record = _run_owned(cfg, run_dir, lock, resolved, config_yaml, overrides, launcher, device, dist)
+        return dist.broadcast_object(record)  # every rank reports rank 0's record
+    finally:
+        dist.close()
 
 
-def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | None,
-               config_yaml: str | None, overrides: list[str] | None, launcher: dict | None = None) -> dict:
-    record = RunRecord(run_dir)
+def _picklable(error: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001  (whatever does not travel is described instead)
+        return RuntimeError(f"rank 0: {type(error).__name__}: {error}")
+
+
+def on_main(dist: Distributed, fn):
+    """``fn()`` on rank 0 only (every rank of a one-process run); an exception it raises is raised on
+    every rank, so a refused folder or configuration stops the whole launch with the same message. The
+    other ranks return None."""
+    if not dist.enabled:
+        return fn()
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001  (shared, then raised again below)
+            error = e
+    shared = dist.broadcast_object(_picklable(error) if error is not None else None)
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result
+
+
+class RankRecord(RunRecord):
+    """A ``RunRecord`` that writes files only on rank 0; the other ranks keep the dict in memory."""
+
+    def __init__(self, run_dir, writes: bool = True):
+        super().__init__(run_dir)
+        self.writes = writes
+
+    def update(self, **fields) -> None:
+        if self.writes:
+            return super().update(**fields)
+        unknown = sorted(set(fields) - RECORD_FIELDS)
+        if unknown:
+            raise RecordError(f"{unknown} are not RecordSchema fields (harness/record.py, docs/record.md)")
+        self.data.update(fields)
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        if self.writes:
+            super().write_metrics(rows)
+
+    def write_steps(self, rows: list[dict]) -> None:
+        if self.writes:
+            super().write_steps(rows)
+
+    def write_config(self, yaml_text: str) -> None:
+        if self.writes:
+            super().write_config(yaml_text)
+
+
+def refuse_other_world_size(run_dir: Path, old: int, new: int, B: int) -> None:
+    """A run's effective batch is train.B x the number of processes, which the fingerprint does not see (it
+    is not a setting): a folder trained by ``old`` processes is resumed by ``old`` processes only."""
+    if old == new:
+        return
+    def procs(n):
+        return f"{n} process{'es' if n > 1 else ''}"
+    raise ConfigError(f"run folder {run_dir} was trained by {procs(old)} (train.B={B} each, {old * B} keysteps "
+                      f"per step) but this launch has {new}; relaunch with {procs(old)} (torchrun "
+                      "--nproc_per_node) or choose another run folder")
+
+
+def _open_folder(run_dir: Path, record: RunRecord, lock: RunLock, semantic: dict,
+                 world_size: int = 1, B: int = 0) -> tuple[dict | None, bool]:
+    """Rank 0, holding the lock: clean up, read the previous record, refuse another configuration or
+    another number of processes, record a dead owner. Returns (previous record, whether it is done)."""
     removed = remove_stale_temporaries(run_dir) + remove_stale_temporaries(record.ckpt_dir)
     if removed:
         log.warning("removed %d temporary files left by an interrupted write: %s", len(removed),
                     ", ".join(str(p) for p in removed))
     previous = record.load()
-    semantic, fp = semantic_config(cfg), fingerprint(cfg)
     refuse_other_configuration(run_dir, previous_semantic_config(previous), semantic, "record.json")
     ckpt_path = record.ckpt_dir / "last.pt"
+    done = bool(previous and previous.get("status") == "done" and ckpt_path.exists())
+    if not done and previous and previous.get("device") and ckpt_path.exists():
+        # refused here, before anything is written (the checkpoint's own world_size is checked again in _train)
+        refuse_other_world_size(run_dir, previous["device"].get("world_size", 1), world_size, B)
     if previous and previous.get("status") == "running":  # we hold the lock, so its owner is gone
         holder = lock.stale or {}
         log.warning("run %s: the process that ran it (pid %s on %s) died without a word; last checkpoint at "
@@ -276,13 +385,26 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | No
                       died={"holder": holder, "checkpoint_step": previous.get("checkpoint_step"),
                             "detected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         previous = record.data
-    if previous and previous.get("status") == "done" and ckpt_path.exists():
+    if done:
         log.info("run %s is already done; nothing to do", run_dir)
+    return previous, done
+
+
+def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock | None, resolved: dict | None,
+               config_yaml: str | None, overrides: list[str] | None, launcher: dict | None = None,
+               device: torch.device | None = None, dist: Distributed | None = None) -> dict:
+    dist = dist or Distributed()
+    record = RankRecord(run_dir, writes=dist.is_main)
+    semantic, fp = semantic_config(cfg), fingerprint(cfg)
+    previous, done = dist.broadcast_object(on_main(dist, lambda: _open_folder(
+        run_dir, record, lock, semantic, dist.world_size, cfg.train.B)))
+    ckpt_path = record.ckpt_dir / "last.pt"
+    if done:
         return previous
-    device = resolve_device(cfg.train.device)
+    device = device or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed
     policy = build_run_policy(cfg, dataset_info(cfg)).to(device)
-    train_ds, eval_ds, eval_split = build_datasets(cfg, policy)
+    train_ds, eval_ds, eval_split = build_datasets(cfg, policy, dist.world_size)
     identity = data_identity(train_ds, eval_ds, eval_split)
     if config_yaml is not None:
         record.write_config(config_yaml)
@@ -293,7 +415,7 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | No
     record.update(
         run_id=run_dir.name, status="running", error=None, fingerprint=fp, semantic_config=semantic,
         config=resolved or dataclasses.asdict(cfg), overrides=overrides,
-        git_commit=git_commit(), device=device_info(device), B=t.B, M=t.M, model=cfg.model.name,
+        git_commit=git_commit(), device=device_info(device, dist), B=t.B, M=t.M, model=cfg.model.name,
         preset=cfg.model.preset, ablation=model_options(cfg),
         model_config=dataclasses.asdict(policy.config) if dataclasses.is_dataclass(policy.config) else None,
         params=sum(p.numel() for p in policy.parameters()), steps_total=t.steps,
@@ -302,15 +424,18 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock, resolved: dict | No
               "skipped": dict(train_ds.skipped), "identity": identity},
         owner=lock_owner_fields(), loader=plan,
         launches=[*((previous or {}).get("launches") or []),
-                  {**(launcher or {}), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}], checkpoint_step=(previous or {}).get("checkpoint_step"),
+                  {**(launcher or {}), **({"world_size": dist.world_size} if dist.enabled else {}),
+                   "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}],
+        checkpoint_step=(previous or {}).get("checkpoint_step"),
         versions={"torch": torch.__version__, "python": platform.python_version()},
         started_at=(previous or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     last_good = {"step": (previous or {}).get("checkpoint_step"), "path": ckpt_path}
     try:
         return _train(cfg, policy, train_ds, eval_ds, record, ckpt_path, device, fp, semantic, identity,
-                      last_good)
+                      last_good, dist)
     except StopRequested as stop:
         record.update(status="interrupted", error=f"stopped by {stop}; re-run the same command to resume")
+        dist.barrier()  # no rank exits (which makes torchrun stop the others) before rank 0 has written
         raise SystemExit(128 + stop.signum) from None
     except BaseException as e:
         full = disk_full_path(e)
@@ -331,16 +456,56 @@ def lock_owner_fields() -> dict:
     return {"host": platform.node(), "pid": os.getpid()}
 
 
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Slice ``rank`` of ``world`` of every global batch of ``base`` (whose ``batch_size`` is B * world):
+    keystep indices ``rank*B:(rank+1)*B``, so the W ranks together read the batches of one process at
+    B * W, in the same order, and a resume at step k reads the same slices again."""
+
+    def __init__(self, base: ResumableBatchSampler, rank: int, world: int):
+        if base.batch_size % world:
+            raise ValueError(f"global batch {base.batch_size} does not split into {world} equal slices")
+        self.base, self.rank, self.per_rank = base, rank, base.batch_size // world
+
+    def __iter__(self):
+        for batch in self.base:
+            yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def batch_sampler_for(n: int, B: int, seed: int, start: int, dist: Distributed):
+    """The training batch order: ``ResumableBatchSampler`` at B, or this rank's slices of it at B * W."""
+    if not dist.enabled:
+        return ResumableBatchSampler(n, B, seed, start=start)
+    return ShardedBatchSampler(ResumableBatchSampler(n, B * dist.world_size, seed, start=start), dist.rank,
+                               dist.world_size)
+
+
+def _rng_state_to_save(device: torch.device, dist: Distributed) -> dict:
+    """``rng_state()``; in a data-parallel CUDA run every rank draws from the generator of its OWN GPU (all in
+    the same state), so rank 0's current GPU state is stored for every GPU and each rank restores it to its
+    own (rank 0's other GPU generators were never used)."""
+    state = rng_state()
+    if dist.enabled and device.type == "cuda" and "cuda" in state:
+        current = torch.cuda.get_rng_state(device)
+        state["cuda"] = [current for _ in state["cuda"]]
+    return state
+
+
 def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_path: Path, device,
-           fp: str, semantic: dict, identity: dict, last_good: dict) -> dict:
+           fp: str, semantic: dict, identity: dict, last_good: dict, dist: Distributed | None = None) -> dict:
     t = cfg.train
-    trainer = TrainStep(policy, t, device)
+    dist = dist or Distributed()
+    W = dist.world_size
+    trainer = TrainStep(policy, t, device, dist)
     timer = StepTimer(warmup_steps=min(5, max(0, t.steps - 1)), device=device)
     step, step_rows, metric_rows, wall_before = 0, [], [], 0.0
     seed_everything(t.seed + 1)  # training draws (Level-2 noise, dropout) independent of how the model was built
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         refuse_other_configuration(record.dir, state.get("semantic_config"), semantic, str(ckpt_path))
+        refuse_other_world_size(record.dir, state.get("world_size", 1), W, t.B)
         if state.get("data_identity") not in (None, identity):
             raise ConfigError(f"run folder {record.dir} was trained on other data than data.path="
                               f"{cfg.data.path!r} holds now ({ckpt_path}): "
@@ -354,8 +519,9 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
         last_good["step"] = step
         log.info("resumed %s at step %d", record.dir, step)
     sampler = make_sampler(policy.noise_scheduler, SamplerConfig(t.sampler, t.sampler_steps))
-    evals = eval_batches(eval_ds, cfg.data.eval_keysteps, t.B)
-    loader = DataLoader(train_ds, batch_sampler=ResumableBatchSampler(len(train_ds), t.B, t.seed, start=step),
+    # rank 0 evaluates, in batches of the global size, so the metrics are those of one process at B * W
+    evals = eval_batches(eval_ds, cfg.data.eval_keysteps, t.B * W) if dist.is_main else []
+    loader = DataLoader(train_ds, batch_sampler=batch_sampler_for(len(train_ds), t.B, t.seed, step, dist),
                         num_workers=record.data["loader"]["workers"], collate_fn=collate_keysteps,
                         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
                         pin_memory=device.type == "cuda")
@@ -374,16 +540,17 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {
             "model": policy.state_dict(), **trainer.state_dict(), "timer": timer.state_dict(), "step": step,
-            "step_rows": step_rows, "metric_rows": metric_rows, "wall_time_s": wall(), "rng": rng_state(),
-            "fingerprint": fp, "semantic_config": semantic, "data_identity": identity})
+            "step_rows": step_rows, "metric_rows": metric_rows, "wall_time_s": wall(),
+            "rng": _rng_state_to_save(device, dist), "fingerprint": fp, "semantic_config": semantic,
+            "data_identity": identity, **({"world_size": W} if W > 1 else {})})
         last_good["step"] = step
         record.write_steps(step_rows)
 
     def summaries(mem) -> dict:
         timing = timer.summary()
         median = timing.get("step_time_median_s")
-        timing.update(wall_time_s=wall(), samples_per_s=(t.B * t.M / median) if median else None,
-                      keysteps_per_s=(t.B / median) if median else None)
+        timing.update(wall_time_s=wall(), samples_per_s=(t.B * W * t.M / median) if median else None,
+                      keysteps_per_s=(t.B * W / median) if median else None)
         info = record.data["device"]
         cost = cost_summary(info["kind"], info["name"], info["count"], wall(), median, t.recipe_steps or t.steps)
         terms = sorted({k for r in step_rows[-1:] for k in r} - NON_LOSS_STEP_COLUMNS - {"step", "loss"})
@@ -394,7 +561,8 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
 
     data_iter = iter(loader)
     try:
-        with MemoryMonitor(device) as mem, tqdm(total=t.steps, initial=step, disable=not t.progress,
+        with MemoryMonitor(device) as mem, tqdm(total=t.steps, initial=step,
+                                                 disable=not (t.progress and dist.is_main),
                                                  unit="step", dynamic_ncols=True) as bar:
             while step < t.steps:
                 batch = batch_to(next(data_iter), device)
@@ -404,12 +572,17 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                 step += 1
                 row = {"step": step, "loss": float(losses["total"].detach()), "lr": lr, "grad_norm": float(grad_norm),
                        "step_time_s": dt, **{k: float(v.detach()) for k, v in losses.items() if k != "total"}}
-                if not math.isfinite(row["loss"]):
+                if not math.isfinite(row["loss"]):  # the mean over ranks: every rank stops here together
                     raise FloatingPointError(f"loss is {row['loss']} at step {step}")
                 step_rows.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-                if step % t.eval_every == 0 or step == t.steps:
+                signum = stop["signum"]  # read once: a signal arriving later counts at the next step
+                if dist.enabled:  # a signal to any rank stops every rank after this same step
+                    signum = dist.all_reduce_max(signum or 0) or None
+                evaluate = step % t.eval_every == 0 or step == t.steps
+                save = step % t.ckpt_every == 0 or step == t.steps or signum is not None
+                if evaluate and dist.is_main:
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         gen = torch.Generator(device=device).manual_seed(t.seed)
                         metrics = evaluate_policy(trainer.eval_model, evals, sampler,
@@ -424,12 +597,17 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                               f"within 1 cm {metrics['overall']['pct_within_1cm']:.1f}%  "
                               f"rot {metrics['overall']['rot_err_deg']:.1f} deg  "
                               f"all {metrics['overall']['pct_all']:.1f}%")
-                if step % t.ckpt_every == 0 or step == t.steps or stop["signum"] is not None:
+                if save and dist.is_main:
                     checkpoint()
                     record.update(checkpoint_step=step, **summaries(mem))
-                if stop["signum"] is not None:
-                    raise StopRequested(stop["signum"])
+                elif save:
+                    last_good["step"] = step
+                if (evaluate or save) and dist.enabled:
+                    dist.barrier()  # the others wait while rank 0 evaluates and writes
+                if signum is not None:
+                    raise StopRequested(signum)
             record.update(status="done", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summaries(mem))
+            dist.barrier()
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)

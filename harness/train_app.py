@@ -10,6 +10,7 @@ the same run and two different configurations never share a folder).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -43,7 +44,8 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, DataError, DiskFullError, CheckpointError) as e:
         print(f"mdh train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(summary_line(record, run_dir))
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # one summary per run, not one per data-parallel process
+        print(summary_line(record, run_dir))
 
 
 def summary_line(record: dict, run_dir: str) -> str:

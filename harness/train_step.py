@@ -16,16 +16,28 @@ from harness.optim import make_optimizer
 class TrainStep:
     """``TrainStep(policy, train_cfg, device)``; ``step(batch, M) -> (losses, grad_norm, lr)``.
 
+    ``dist``: a ``harness.distributed.Distributed`` for data-parallel training (gradients and the returned
+    losses are averaged over the processes), or None.
     ``train_cfg`` is a ``harness.config.TrainConfig`` (lr, betas, eps, weight_decay, warm-up, cosine, floor,
     grad_clip, ema_decay, bf16). ``losses`` are the policy's named terms (detached), ``grad_norm`` the norm
     before clipping, ``lr`` the rate this step used. ``state_dict``/``load_state_dict`` cover the optimizer,
     the LR schedule and the EMA weights.
     """
 
-    def __init__(self, policy: torch.nn.Module, train_cfg, device: torch.device | str):
+    def __init__(self, policy: torch.nn.Module, train_cfg, device: torch.device | str, dist=None):
         self.policy = policy
         self.cfg = train_cfg
         self.device = torch.device(device)
+        # Data parallel (harness/distributed.py; None or one process: unchanged). The gradients are averaged
+        # over the processes after backward rather than by wrapping the policy in DistributedDataParallel:
+        # level2_losses calls policy.encode / .diffusion_target / .loss directly, never the module's
+        # __call__, so DDP's hooks would not see the forward; the mean of the per-process gradients is the
+        # gradient of the global batch's mean loss either way, and this needs no wrapper module and no
+        # "unused parameters" setting for any plugin. The cost: one all-reduce after backward instead of
+        # DDP's overlap with it.
+        self.dist = dist if dist is not None and dist.enabled else None
+        if self.dist is not None:
+            self.dist.broadcast_module(policy)  # every rank starts from rank 0's weights (as DDP does)
         self.optimizer, self.lr_scheduler = make_optimizer(policy, train_cfg)
         self.ema = None
         if train_cfg.ema_decay is not None:
@@ -40,9 +52,16 @@ class TrainStep:
         return contextlib.nullcontext()
 
     def step(self, batch: dict, M: int) -> tuple[dict[str, torch.Tensor], float, float]:
+        if self.dist is not None:  # rank 0's buffers everywhere (as DDP's broadcast_buffers)
+            self.dist.broadcast_module(self.policy, buffers_only=True)
         with self.autocast():
-            losses = level2_losses(self.policy, batch, M)
+            losses = level2_losses(self.policy, batch, M, shard=self.dist.shard if self.dist else None)
         losses["total"].backward()
+        if self.dist is not None:
+            self.dist.average_gradients(self.policy.parameters())
+            names = sorted(losses)  # the logged losses: the mean over ranks = the global batch's mean
+            means = self.dist.all_reduce_mean(torch.stack([losses[k].detach().float() for k in names]))
+            losses = {k: means[i] for i, k in enumerate(names)}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
