@@ -206,9 +206,10 @@ def msgpack_patched():
 
 
 @pytest.fixture
-def fake_rlbench(monkeypatch) -> tuple[type, type]:
+def fake_rlbench(monkeypatch) -> types.SimpleNamespace:
     """Importable stand-in rlbench modules, so a test can pickle Demo/Observation under their real names.
-    Returns (Observation class, Demo class); the modules leave sys.modules after the test."""
+    Returns a namespace: ``Observation``, ``Demo`` and ``copy_demo(loaded_demo)``; the modules leave
+    sys.modules after the test."""
     import sys
 
     obs_cls = type("Observation", (), {"__module__": "rlbench.backend.observation"})
@@ -219,4 +220,15 @@ def fake_rlbench(monkeypatch) -> tuple[type, type]:
     mods["rlbench.demo"].Demo = demo_cls
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    return obs_cls, demo_cls
+
+    def copy_demo(real):
+        """A loaded (stand-in) demo rebuilt with these classes, so it pickles under RLBench's names."""
+        demo = demo_cls()
+        demo._observations = []
+        for o in real:
+            new = obs_cls()
+            new.__dict__.update(vars(o))
+            demo._observations.append(new)
+        return demo
+
+    return types.SimpleNamespace(Observation=obs_cls, Demo=demo_cls, copy_demo=copy_demo)

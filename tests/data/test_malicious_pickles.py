@@ -393,14 +393,8 @@ def test_numpy_round_trips(protocol):
 @pytest.mark.parametrize("protocol", range(6))
 def test_real_episode_repickled_at_every_protocol(tmp_path, monkeypatch, protocol, fake_rlbench):
     _need_fixture()
-    obs_cls, demo_cls = fake_rlbench
     real = load_demo(EP0 / "low_dim_obs.pkl")
-    demo = demo_cls()
-    demo._observations = []
-    for o in real:
-        new = obs_cls()
-        new.__dict__.update(vars(o))
-        demo._observations.append(new)
+    demo = fake_rlbench.copy_demo(real)
     path = tmp_path / "low_dim_obs.pkl"
     path.write_bytes(pickle.dumps(demo, protocol=protocol))
     back = load_demo(path)

@@ -246,14 +246,7 @@ def test_camera_image_count_mismatch(tmp_path, source):
 
 
 def test_non_finite_gripper_pose(tmp_path, monkeypatch, source, fake_rlbench):
-    obs_cls, demo_cls = fake_rlbench
-    real = load_pickle(EP0 / "low_dim_obs.pkl")
-    demo = demo_cls()
-    demo._observations = []
-    for o in real:
-        new = obs_cls()
-        new.__dict__.update(vars(o))
-        demo._observations.append(new)
+    demo = fake_rlbench.copy_demo(load_pickle(EP0 / "low_dim_obs.pkl"))
     demo._observations[5].gripper_pose = np.full(7, np.nan)
     ep = _link_episode(tmp_path / "reach_target" / "variation0" / "episodes" / "episode0", low_dim=False)
     (ep / "low_dim_obs.pkl").write_bytes(pickle.dumps(demo, protocol=3))
