@@ -97,18 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     sub.add_parser("train", help="one training run (Hydra overrides: model=... train.M=64 ...; "
                                  "`mdh train --help` shows the config)", add_help=False)
-    rep = sub.add_parser("report", help="tables from run records")
-    rsub = rep.add_subparsers(dest="report_cmd", metavar="{runs}")
-    rsub.required = True
-    runs = rsub.add_parser("runs", help="key figures of run folders side by side")
-    runs.add_argument("run_dirs", nargs="+")
-    runs.add_argument("--json", action="store_true")
+    _add_report(sub)
     _add_sweep(sub)
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{what} (not built yet)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     _add_bench(sub)
     return parser
+
+
+def _add_report(sub) -> None:
+    # One positional list rather than subparsers: argparse cannot offer an optional subcommand beside a
+    # positional folder, and both `mdh report runs A B` and `mdh report RESULTS_DIR` must work.
+    rep = sub.add_parser(
+        "report", help="report.md with Tables 2-3 and Figs. 2/4 from run records; `mdh report runs DIR...`",
+        usage="mdh report RESULTS_DIR [--out DIR]\n       mdh report runs RUN_DIR [RUN_DIR ...] [--json]",
+        description="mdh report RESULTS_DIR [--out DIR]: render DIR/report.md (default DIR = RESULTS_DIR) with "
+                    "every table (Markdown, LaTeX, CSV) and figure (PNG, PDF) beside it, from the run records "
+                    "(record.json, metrics.csv) below RESULTS_DIR; see docs/report.md. "
+                    "mdh report runs RUN_DIR...: the key figures of run folders side by side. "
+                    "(A results folder literally named `runs`: write ./runs.)")
+    rep.add_argument("target", nargs="+", metavar="RESULTS_DIR | runs RUN_DIR",
+                     help="a results folder, or `runs` followed by run folders")
+    rep.add_argument("--out", default=None, help="output folder of report.md (default: RESULTS_DIR)")
+    rep.add_argument("--json", action="store_true", help="with `runs`: print the records as JSON")
 
 
 def _add_sweep(sub) -> None:
@@ -217,10 +229,33 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from harness.report.runs import format_runs, load_runs
+    if args.target[0] == "runs":
+        from harness.report.runs import format_runs, load_runs
 
-    runs = load_runs(args.run_dirs)
-    print(json.dumps(runs, default=str) if args.json else format_runs(runs))
+        if len(args.target) < 2:
+            print("mdh report runs: error: name at least one run folder (mdh report runs RUN_DIR ...)",
+                  file=sys.stderr)
+            return 2
+        if args.out is not None:
+            print("mdh report runs: error: --out belongs to `mdh report RESULTS_DIR`", file=sys.stderr)
+            return 2
+        runs = load_runs(args.target[1:])
+        print(json.dumps(runs, default=str) if args.json else format_runs(runs))
+        return 0
+    if len(args.target) != 1 or args.json:
+        print("mdh report: error: usage: mdh report RESULTS_DIR [--out DIR] "
+              "(one folder; --json only with `runs`)", file=sys.stderr)
+        return 2
+    from harness.report.build import render_report
+
+    try:
+        report = render_report(args.target[0], args.out)
+    except FileNotFoundError as e:
+        print(f"mdh report: error: {e}", file=sys.stderr)
+        return 1
+    done = sum(r.done for r in report.runs)
+    print(f"wrote {report.path} ({len(report.runs)} runs, {done} done and in the numbers; "
+          f"{len(report.files)} files)")
     return 0
 
 
