@@ -1,0 +1,102 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Ablations: Table 3
+#
+# Batching (M vs M = 1 at the same B; B vs the next smaller B) and component ablations (`model.options`
+# such as `rope3d=false` vs the full model), each seed group against its base: Δ median step time, Δ peak
+# memory and accuracy with a Student-t 95 % interval over seeds, beside the paper's claims - Table 3 of
+# `mdh report` (docs/report.md, "Table 3"), computed here by the same code (`harness.report.tables.table3`)
+# from the same run records (`harness.report.collect.discover_runs`).
+#
+# Parameters (environment): `MDH_RESULTS` - the results folder (default `results/quick`, e.g. after
+# `make quick`); `MDH_NOTEBOOK_OUT` - where the CSV/Markdown/LaTeX tables are written (default: a new
+# temporary folder).
+
+# %%
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+import harness
+from harness.report.collect import discover_runs
+from harness.report.reference import load_paper_numbers
+from harness.report.render import Table
+from harness.report.tables import runs_table, seed_groups, table3
+
+matplotlib.use("Agg")  # headless (this notebook draws no figure; the setting matches the others)
+
+
+def print_table(table) -> None:
+    """A report table as `mdh report` writes it (title, Markdown, notes), also written to OUT."""
+    table.write(OUT)
+    print(f"### {table.title}\n\n{table.to_markdown()}\n")
+    for note in table.notes:
+        print(f"- {note}")
+    print()
+
+
+# %% tags=["parameters"]
+REPO = Path(harness.__file__).resolve().parent.parent
+RESULTS = Path(os.environ.get("MDH_RESULTS", "results/quick")).expanduser()
+OUT = Path(os.environ.get("MDH_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="mdh-notebook-"))
+
+# %%
+if not RESULTS.is_absolute() and not RESULTS.exists() and (REPO / RESULTS).exists():
+    RESULTS = REPO / RESULTS  # opened from notebooks/ in Jupyter: relative to the checkout
+if not RESULTS.is_dir():
+    raise FileNotFoundError(f"results folder {RESULTS} does not exist: run a sweep (`make quick`, "
+                            "`mdh sweep table3 ...`) or set MDH_RESULTS")
+OUT.mkdir(parents=True, exist_ok=True)
+paper = load_paper_numbers()
+runs = discover_runs(RESULTS)
+done = [r for r in runs if r.done]
+states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.state for r in runs).items()))
+print(f"results: {RESULTS}\noutput:  {OUT}\npaper claims: {paper.source}, version {paper.version}")
+print(f"{len(runs)} run folders ({states or 'none'}); {len(done)} done and in the numbers")
+print_table(runs_table(runs))
+
+# %% [markdown]
+# ## Seed groups
+#
+# Done runs that differ only in their seed (same configuration, same device); Table 3 averages over them.
+
+# %%
+groups = seed_groups(runs)
+print(f"{len(groups)} seed groups of {len(done)} done runs:")
+for g in groups:
+    options = ", ".join(f"{k}={v}" for k, v in sorted(g.switches.items())) or "default options"
+    print(f"  {g.first.get('model')} / {g.first.get('preset')}, B={g.B}, M={g.M}, {options} on "
+          f"{g.first.device_kind}: n={len(g.runs)} seeds {sorted(r.seed for r in g.runs)}")
+
+# %% [markdown]
+# ## Table 3: ablations
+#
+# First the key columns (the same rows and cell formats), then the full table as the report writes it.
+
+# %%
+t3, d3 = table3(runs, paper)
+kinds = Counter(row["kind"] for row in t3.rows)
+print(f"Table 3: {len(t3.rows)} comparisons ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or '-'})")
+KEY_COLUMNS = ("kind", "comparison", "row_seeds", "delta_time_pct", "delta_memory_pct", "row_pct_all",
+               "delta_pct_all_points", "paper_delta_time_pct", "paper_delta_memory_pct",
+               "paper_delta_success_points")
+key_view = Table(f"{t3.name}_key_columns", f"{t3.title} (key columns)",
+                 [c for c in t3.cols if c.key in KEY_COLUMNS], t3.rows)
+print(f"### {key_view.title}\n\n{key_view.to_markdown()}\n")
+print_table(t3)
+print_table(d3)
