@@ -86,7 +86,7 @@ def fig4(fam: Family, out_dir: Path) -> tuple[list[Path], Table]:
             low, high = ax.get_ylim()
             narrow = high / max(low, 1e-12) < 10  # less than a decade: no major tick may fall inside, label minors
             ax.yaxis.set_minor_formatter(FuncFormatter(
-                lambda v, _: f"{v:g}" if narrow or f"{v:g}"[0] in "25" else ""))
+                lambda v, _, narrow=narrow: f"{v:g}" if narrow or f"{v:g}"[0] in "25" else ""))
             ax.yaxis.set_tick_params(which="minor", labelsize=6)
     axes[0].legend(fontsize=7)
     keysteps = sorted({r.overall.get("n") for r in fam.runs if r.overall.get("n") is not None})
