@@ -37,7 +37,8 @@ quick: venv
 	$(BIN)/mdh data inspect $(QUICK_DATA)
 	$(BIN)/mdh sweep quick data.path=$(QUICK_DATA) train.steps=$(QUICK_STEPS)
 	$(BIN)/mdh sweep status results/quick
-	$(BIN)/mdh report runs results/quick/*/
+	$(BIN)/mdh report results/quick
+	@echo "report: results/quick/report.md"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
