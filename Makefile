@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch is pinned here (a local wheel on our machines); pyproject states a range.
 TORCH_PIN ?= torch==2.13.0
-QUICK_DATA ?= data/metaworld
+QUICK_DATA ?= data/metaworld_quick
+QUICK_TASKS ?= reach-v3,push-v3,pick-place-v3,door-open-v3,drawer-open-v3
 export MUJOCO_GL ?= egl
 
 .PHONY: venv lint test test-all quick clean
@@ -28,12 +29,12 @@ test: venv
 test-all: venv
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-QUICK_STEPS ?= 300
+QUICK_STEPS ?= 400
 
 # The quick sweep (sweeps/quick.yaml: Mini-Diffuser small at M = 1, 8, 64) on the embedded suite; re-running
 # it skips finished runs and resumes interrupted ones.
 quick: venv
-	$(BIN)/mdh data metaworld --tasks mt10 --episodes 20 --out $(QUICK_DATA)
+	$(BIN)/mdh data metaworld --tasks $(QUICK_TASKS) --episodes 10 --out $(QUICK_DATA)
 	$(BIN)/mdh data inspect $(QUICK_DATA)
 	$(BIN)/mdh sweep quick data.path=$(QUICK_DATA) train.steps=$(QUICK_STEPS)
 	$(BIN)/mdh sweep status results/quick
