@@ -64,6 +64,21 @@ def semantic_config(config) -> dict:
             and not (k.startswith("model.options.") and v is None)}
 
 
+def record_semantic_config(record: Mapping | None) -> dict | None:
+    """The semantic configuration a run record was written under (records older than the fingerprint:
+    recomputed from their resolved ``config``); None when the record holds neither."""
+    if not record:
+        return None
+    if isinstance(record.get("semantic_config"), Mapping):
+        return dict(record["semantic_config"])
+    if isinstance(record.get("config"), Mapping):
+        try:
+            return semantic_config(record["config"])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
 def fingerprint(config) -> str:
     """Short hex digest of ``semantic_config(config)``."""
     text = json.dumps(semantic_config(config), sort_keys=True, separators=(",", ":"))

@@ -39,7 +39,7 @@ import yaml
 
 from harness.config import ConfigError, RunConfig
 from harness.record import RecordError, RunRecord, write_text_atomic
-from harness.runlock import lock_holder
+from harness.runlock import observed_status
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,8 @@ def run_state(run_dir: Path) -> tuple[str, dict | None]:
     except RecordError as e:
         return "failed", {"error": str(e)}
     if record is None:
-        return ("running" if lock_holder(run_dir) is not None else "pending"), None
-    status = record.get("status") or "pending"
-    if status == "running" and lock_holder(run_dir) is None:
-        status = "died"
-    return status, record
+        return observed_status(run_dir, None), None
+    return observed_status(run_dir, record.get("status") or "pending"), record
 
 
 def plan_sweep(sweep: Sweep, out_dir: Path, extra: list[str], retry_failed: bool = False) -> list[PlannedRun]:

@@ -105,6 +105,17 @@ class RunLock:
         self.release()
 
 
+def observed_status(run_dir: str | os.PathLike, record_status: str | None) -> str:
+    """The state a reader should report for a run folder: a record that says ``running`` while no live
+    process holds the folder's lock is ``died``; a folder without a record is ``running`` when someone holds
+    its lock (starting up) and ``pending`` otherwise; any other recorded status stands."""
+    if record_status is None:
+        return "running" if lock_holder(run_dir) is not None else "pending"
+    if record_status == "running" and lock_holder(run_dir) is None:
+        return "died"
+    return record_status
+
+
 def lock_holder(run_dir: str | os.PathLike) -> dict | None:
     """The live holder of ``run_dir``'s lock, or None when no live process holds it (reporting only).
 

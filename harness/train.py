@@ -45,7 +45,7 @@ from harness.data.transforms import TransformConfig
 from harness.diffusion import SamplerConfig, make_sampler
 from harness.distributed import Distributed, DistributedError
 from harness.evaluate.offline import evaluate_policy
-from harness.fingerprint import config_differences, fingerprint, semantic_config
+from harness.fingerprint import config_differences, fingerprint, record_semantic_config, semantic_config
 from harness.measure.cost import cost_summary
 from harness.measure.memory import MemoryMonitor
 from harness.measure.timing import StepTimer
@@ -234,18 +234,6 @@ def data_identity(train_ds: KeystepDataset, eval_ds: KeystepDataset, eval_split:
             "train_keysteps": len(train_ds), "eval_split": eval_split, "eval_keysteps": len(eval_ds)}
 
 
-def previous_semantic_config(previous: dict | None) -> dict | None:
-    """The semantic configuration a run folder's record was written under (records older than the
-    fingerprint: recomputed from their resolved ``config``)."""
-    if not previous:
-        return None
-    if isinstance(previous.get("semantic_config"), dict):
-        return previous["semantic_config"]
-    if isinstance(previous.get("config"), dict):
-        return semantic_config(previous["config"])
-    return None
-
-
 def refuse_other_configuration(run_dir: Path, old: dict | None, new: dict, what: str) -> None:
     """One line naming every differing key when ``run_dir`` was written under another configuration."""
     if old is None or old == new:
@@ -369,7 +357,7 @@ def _open_folder(run_dir: Path, record: RunRecord, lock: RunLock, semantic: dict
         log.warning("removed %d temporary files left by an interrupted write: %s", len(removed),
                     ", ".join(str(p) for p in removed))
     previous = record.load()
-    refuse_other_configuration(run_dir, previous_semantic_config(previous), semantic, "record.json")
+    refuse_other_configuration(run_dir, record_semantic_config(previous), semantic, "record.json")
     ckpt_path = record.ckpt_dir / "last.pt"
     done = bool(previous and previous.get("status") == "done" and ckpt_path.exists())
     if not done and previous and previous.get("device") and ckpt_path.exists():

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.fingerprint import semantic_config
+from harness.fingerprint import record_semantic_config
 from harness.record import RecordError, upgrade_record
-from harness.runlock import lock_holder
+from harness.runlock import observed_status
 
 MANIFEST = "sweep.json"
 # Settings a table varies on purpose, by table (semantic_config keys); everything else that differs
@@ -129,13 +129,9 @@ def read_metrics(path: Path) -> tuple[list[dict], str | None]:
 
 def run_semantic(record: dict) -> dict:
     """The record's ``semantic_config``; older records: recomputed from ``config``; else the top fields."""
-    if isinstance(record.get("semantic_config"), dict):
-        return dict(record["semantic_config"])
-    if isinstance(record.get("config"), dict):
-        try:
-            return semantic_config(record["config"])
-        except (TypeError, ValueError):
-            pass
+    found = record_semantic_config(record)
+    if found is not None:
+        return found
     out = {"model.name": record.get("model"), "model.preset": record.get("preset"),
            "train.B": record.get("B"), "train.M": record.get("M")}
     return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in out.items()}
@@ -147,9 +143,7 @@ def _load(run_dir: Path, run_id: str) -> Run:
         record = upgrade_record(json.loads(path.read_text()), path)
     except (OSError, json.JSONDecodeError, RecordError, UnicodeDecodeError) as e:
         return Run(run_id, run_dir, "unreadable", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-    state = record.get("status") or "unknown"
-    if state == "running" and lock_holder(run_dir) is None:
-        state = "died"  # the record says running but no live process owns the folder
+    state = observed_status(run_dir, record.get("status") or "unknown")
     error = record.get("error")
     metrics, note = read_metrics(run_dir / "metrics.csv")
     return Run(run_id, run_dir, state, record=record,
@@ -184,7 +178,7 @@ def discover_runs(results_dir: str | Path) -> list[Run]:
             run_dir = manifest.parent / str(entry["run"])
             key = run_dir.resolve()
             if key not in runs:
-                state = "running" if lock_holder(run_dir) is not None else "pending"
+                state = observed_status(run_dir, None)
                 runs[key] = Run(run_dir.relative_to(root).as_posix(), run_dir, state, error="no record.json yet")
             runs[key].sweep = doc.get("sweep")
             runs[key].cell = list(entry.get("cell") or [])

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from harness.data.errors import DataError
-from harness.runlock import lock_holder
+from harness.runlock import observed_status
 
 FIELDS = [
     ("status", lambda r: r.get("status")),
@@ -51,8 +51,7 @@ def load_runs(run_dirs: list[str]) -> list[dict]:
             raise DataError("no record.json in this run folder", path) from None
         except json.JSONDecodeError as e:
             raise DataError(f"record.json is not valid JSON: {e}", path) from None
-        if run.get("status") == "running" and lock_holder(d) is None:
-            run["status"] = "died"  # the record says running but no live process owns the folder
+        run["status"] = observed_status(d, run.get("status"))
         runs.append(run)
     return runs
 
