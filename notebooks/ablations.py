@@ -25,50 +25,22 @@
 # temporary folder).
 
 # %%
-import os
-import tempfile
 from collections import Counter
-from pathlib import Path
 
-import matplotlib
-
-import harness
-from harness.report.collect import discover_runs
+from harness.report.notebook import open_results, print_table
 from harness.report.reference import load_paper_numbers
 from harness.report.render import Table
 from harness.report.tables import runs_table, seed_groups, table3
 
-matplotlib.use("Agg")  # headless (this notebook draws no figure; the setting matches the others)
-
-
-def print_table(table) -> None:
-    """A report table as `mdh report` writes it (title, Markdown, notes), also written to OUT."""
-    table.write(OUT)
-    print(f"### {table.title}\n\n{table.to_markdown()}\n")
-    for note in table.notes:
-        print(f"- {note}")
-    print()
-
-
 # %% tags=["parameters"]
-REPO = Path(harness.__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("MDH_RESULTS", "results/quick")).expanduser()
-OUT = Path(os.environ.get("MDH_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="mdh-notebook-"))
+DEFAULT_RESULTS = "results/quick"  # MDH_RESULTS overrides it; MDH_NOTEBOOK_OUT: where outputs go
 
 # %%
-if not RESULTS.is_absolute() and not RESULTS.exists() and (REPO / RESULTS).exists():
-    RESULTS = REPO / RESULTS  # opened from notebooks/ in Jupyter: relative to the checkout
-if not RESULTS.is_dir():
-    raise FileNotFoundError(f"results folder {RESULTS} does not exist: run a sweep (`make quick`, "
-                            "`mdh sweep table3 ...`) or set MDH_RESULTS")
-OUT.mkdir(parents=True, exist_ok=True)
-paper = load_paper_numbers()
-runs = discover_runs(RESULTS)
+RESULTS, OUT, runs = open_results(DEFAULT_RESULTS)
 done = [r for r in runs if r.done]
-states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.state for r in runs).items()))
-print(f"results: {RESULTS}\noutput:  {OUT}\npaper claims: {paper.source}, version {paper.version}")
-print(f"{len(runs)} run folders ({states or 'none'}); {len(done)} done and in the numbers")
-print_table(runs_table(runs))
+paper = load_paper_numbers()
+print(f"paper claims: {paper.source}, version {paper.version}")
+print_table(runs_table(runs), OUT)
 
 # %% [markdown]
 # ## Seed groups
@@ -98,5 +70,5 @@ KEY_COLUMNS = ("kind", "comparison", "row_seeds", "delta_time_pct", "delta_memor
 key_view = Table(f"{t3.name}_key_columns", f"{t3.title} (key columns)",
                  [c for c in t3.cols if c.key in KEY_COLUMNS], t3.rows)
 print(f"### {key_view.title}\n\n{key_view.to_markdown()}\n")
-print_table(t3)
-print_table(d3)
+print_table(t3, OUT)
+print_table(d3, OUT)

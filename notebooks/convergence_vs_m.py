@@ -25,61 +25,17 @@
 # written (default: a new temporary folder).
 
 # %%
-import os
-import tempfile
-from collections import Counter
-from pathlib import Path
-
-import matplotlib
-
-import harness
-from harness.report.collect import discover_runs
 from harness.report.figures import fig4
+from harness.report.notebook import open_results, print_table, show
 from harness.report.tables import convergence_families, runs_table, thresholds_table
 
-matplotlib.use("Agg")  # headless; the report's figures are drawn on matplotlib.figure.Figure, no pyplot
-
-try:  # inside Jupyter the figures are shown inline; as a plain script their paths are printed
-    from IPython import get_ipython
-    from IPython.display import Image, display
-except ImportError:
-    get_ipython = None
-IN_JUPYTER = get_ipython is not None and get_ipython() is not None
-
-
-def show(path: Path) -> None:
-    print(f"wrote {path}")
-    if IN_JUPYTER:
-        display(Image(filename=str(path)))
-
-
-def print_table(table) -> None:
-    """A report table as `mdh report` writes it (title, Markdown, notes), also written to OUT."""
-    table.write(OUT)
-    print(f"### {table.title}\n\n{table.to_markdown()}\n")
-    for note in table.notes:
-        print(f"- {note}")
-    print()
-
-
 # %% tags=["parameters"]
-REPO = Path(harness.__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("MDH_RESULTS", "results/quick")).expanduser()
-OUT = Path(os.environ.get("MDH_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="mdh-notebook-"))
+DEFAULT_RESULTS = "results/quick"  # MDH_RESULTS overrides it; MDH_NOTEBOOK_OUT: where outputs go
 
 # %%
-if not RESULTS.is_absolute() and not RESULTS.exists() and (REPO / RESULTS).exists():
-    RESULTS = REPO / RESULTS  # opened from notebooks/ in Jupyter: relative to the checkout
-if not RESULTS.is_dir():
-    raise FileNotFoundError(f"results folder {RESULTS} does not exist: run a sweep (`make quick`, "
-                            "`mdh sweep convergence_m ...`) or set MDH_RESULTS")
-OUT.mkdir(parents=True, exist_ok=True)
-runs = discover_runs(RESULTS)
+RESULTS, OUT, runs = open_results(DEFAULT_RESULTS)
 done = [r for r in runs if r.done]
-states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.state for r in runs).items()))
-print(f"results: {RESULTS}\noutput:  {OUT}")
-print(f"{len(runs)} run folders ({states or 'none'}); {len(done)} done and in the numbers")
-print_table(runs_table(runs))
+print_table(runs_table(runs), OUT)
 
 # %% [markdown]
 # ## Fig. 4, one figure per family
@@ -105,4 +61,4 @@ for fam in families:
 # threshold: mean over the seeds that reached it, with (seeds reached / seeds).
 
 # %%
-print_table(thresholds_table(families))
+print_table(thresholds_table(families), OUT)

@@ -26,63 +26,22 @@
 # written (default: a new temporary folder).
 
 # %%
-import os
-import tempfile
 from collections import Counter
-from pathlib import Path
 
-import matplotlib
-
-import harness
-from harness.report.collect import discover_runs
 from harness.report.figures import fig2
+from harness.report.notebook import open_results, print_table, show
 from harness.report.reference import load_paper_numbers
 from harness.report.tables import runs_table, table2
 
-matplotlib.use("Agg")  # headless; the report's figures are drawn on matplotlib.figure.Figure, no pyplot
-
-try:  # inside Jupyter the figures are shown inline; as a plain script their paths are printed
-    from IPython import get_ipython
-    from IPython.display import Image, display
-except ImportError:
-    get_ipython = None
-IN_JUPYTER = get_ipython is not None and get_ipython() is not None
-
-
-def show(path: Path) -> None:
-    print(f"wrote {path}")
-    if IN_JUPYTER:
-        display(Image(filename=str(path)))
-
-
-def print_table(table) -> None:
-    """A report table as `mdh report` writes it (title, Markdown, notes), also written to OUT."""
-    table.write(OUT)
-    print(f"### {table.title}\n\n{table.to_markdown()}\n")
-    for note in table.notes:
-        print(f"- {note}")
-    print()
-
-
 # %% tags=["parameters"]
-REPO = Path(harness.__file__).resolve().parent.parent
-RESULTS = Path(os.environ.get("MDH_RESULTS", "results/quick")).expanduser()
-OUT = Path(os.environ.get("MDH_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="mdh-notebook-"))
+DEFAULT_RESULTS = "results/quick"  # MDH_RESULTS overrides it; MDH_NOTEBOOK_OUT: where outputs go
 
 # %%
-if not RESULTS.is_absolute() and not RESULTS.exists() and (REPO / RESULTS).exists():
-    RESULTS = REPO / RESULTS  # opened from notebooks/ in Jupyter: relative to the checkout
-if not RESULTS.is_dir():
-    raise FileNotFoundError(f"results folder {RESULTS} does not exist: run a sweep (`make quick`, "
-                            "`mdh sweep table2 ...`) or set MDH_RESULTS")
-OUT.mkdir(parents=True, exist_ok=True)
-paper = load_paper_numbers()
-runs = discover_runs(RESULTS)
+RESULTS, OUT, runs = open_results(DEFAULT_RESULTS)
 done = [r for r in runs if r.done]
-states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.state for r in runs).items()))
-print(f"results: {RESULTS}\noutput:  {OUT}\npublished numbers: {paper.source}, version {paper.version}")
-print(f"{len(runs)} run folders ({states or 'none'}); {len(done)} done and in the numbers")
-print_table(runs_table(runs))
+paper = load_paper_numbers()
+print(f"published numbers: {paper.source}, version {paper.version}")
+print_table(runs_table(runs), OUT)
 
 # %% [markdown]
 # ## Table 2: efficiency
@@ -95,8 +54,8 @@ measured = [row for row in t2.rows if row["source"] == "measured"]
 seeds = sorted({row["seed"] for row in measured if row["seed"] is not None})
 print(f"Table 2: {len(measured)} measured rows (runs), seeds {seeds or '-'}; "
       f"{len(t2.rows) - len(measured)} published rows")
-print_table(t2)
-print_table(d2)
+print_table(t2, OUT)
+print_table(d2, OUT)
 
 # %% [markdown]
 # ## Fig. 2: training time vs peak memory
