@@ -58,6 +58,14 @@ class InputSpec:
         if self.modality == "points" and not (isinstance(self.num_points, int) and self.num_points > 0):
             raise ValueError(f"a points policy needs InputSpec.num_points > 0, got {self.num_points!r}")
 
+    def transform(self, train: bool = True, num_points: int | None = None):
+        """The ``harness.data.transforms.TransformConfig`` that delivers what this spec reads (``num_points``
+        overrides the cloud size, e.g. ``data.num_points``); training and ``mdh bench step`` both use it."""
+        from harness.data.transforms import TransformConfig
+
+        return TransformConfig(num_points=num_points or self.num_points or 4000, train=train,
+                               images=self.modality == "images")
+
     def batch_keys(self) -> dict[str, tuple[tuple, torch.dtype]]:
         """key -> (shape with "B", "L", "H", "W", "n_cam" for free sizes, dtype) of every tensor read."""
         keys: dict[str, tuple[tuple, torch.dtype]] = {

@@ -41,7 +41,6 @@ from harness.data.errors import DataError
 from harness.data.formats.instructions import find_instruction_files, read_instr_embeds
 from harness.data.meta import resolve_meta
 from harness.data.sampler import ResumableBatchSampler
-from harness.data.transforms import TransformConfig
 from harness.diffusion import SamplerConfig, make_sampler
 from harness.distributed import Distributed, DistributedError
 from harness.evaluate.offline import evaluate_policy
@@ -49,7 +48,7 @@ from harness.fingerprint import config_differences, fingerprint, record_semantic
 from harness.measure.cost import cost_summary
 from harness.measure.memory import MemoryMonitor
 from harness.measure.timing import StepTimer
-from harness.policy import DataInfo, InputSpec, build_policy, get_policy, options_to_overrides
+from harness.policy import DataInfo, build_policy, get_policy, options_to_overrides
 from harness.record import (
     NON_LOSS_STEP_COLUMNS,
     RECORD_FIELDS,
@@ -141,12 +140,6 @@ def build_run_policy(cfg: RunConfig, info: DataInfo | None = None):
                           f"model.options={model_options(cfg)}: {message}") from None
 
 
-def transform_for(spec: InputSpec, cfg: RunConfig, train: bool) -> TransformConfig:
-    """The transform a policy's input spec asks for (``data.num_points`` overrides the cloud size)."""
-    return TransformConfig(num_points=cfg.data.num_points or spec.num_points or 4000, train=train,
-                           images=spec.modality == "images")
-
-
 def build_datasets(cfg: RunConfig, policy, world_size: int = 1) -> tuple[KeystepDataset, KeystepDataset, str]:
     """(train dataset, evaluation dataset, name of the evaluated split), transformed as the policy's input
     spec asks."""
@@ -159,12 +152,12 @@ def build_datasets(cfg: RunConfig, policy, world_size: int = 1) -> tuple[Keystep
                   "taskvars": d.taskvars, "skip_bad": d.skip_bad, "seed": cfg.train.seed, "n_hist": spec.n_hist,
                   "require_text": spec.text_dim is not None}
     path = Path(d.path).expanduser()
-    train = KeystepDataset(path, split=d.split, transform=transform_for(spec, cfg, True), **common)
+    train = KeystepDataset(path, split=d.split, transform=spec.transform(True, d.num_points), **common)
     eval_split = d.val_split if (path / d.val_split / d.kind).is_dir() else d.split
     if eval_split == d.split:
         log.warning("no held-out split %r under %s: evaluating on %r without augmentation", d.val_split, path,
                     d.split)
-    evalset = KeystepDataset(path, split=eval_split, transform=transform_for(spec, cfg, False), **common)
+    evalset = KeystepDataset(path, split=eval_split, transform=spec.transform(False, d.num_points), **common)
     check_dataset_fits_policy(train, policy, cfg, world_size)
     return train, evalset, eval_split
 

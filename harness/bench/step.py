@@ -54,17 +54,17 @@ def _data_path(data: str | os.PathLike) -> Path:
     return path
 
 
-def open_dataset(data: str | os.PathLike, split: str = "train", kind: str = "voxel1cm",
-                 num_points: int | None = None, B: int = 1):
-    """The ``KeystepDataset`` at ``data`` (with the training transforms at ``num_points``, or raw when None).
+def open_dataset(data: str | os.PathLike, split: str = "train", kind: str = "voxel1cm", spec=None, B: int = 1):
+    """The ``KeystepDataset`` at ``data`` (with the training transform the ``InputSpec`` ``spec`` asks for, or
+    raw when None).
     Raises ``BenchInputError`` (one line) when it is missing, unreadable or holds fewer than ``B`` keysteps."""
     from harness.data.dataset import KeystepDataset
-    from harness.data.transforms import TransformConfig
-
     path = _data_path(data)
-    transform = TransformConfig(num_points=num_points) if num_points is not None else None
+    transform = spec.transform(True) if spec is not None else None
     try:
-        ds = KeystepDataset(path, split=split, kind=kind, transform=transform, seed=0)
+        ds = KeystepDataset(path, split=split, kind=kind, transform=transform, seed=0,
+                            n_hist=spec.n_hist if spec is not None else 1,
+                            require_text=spec is None or spec.text_dim is not None)
     except DataError as e:
         raise BenchInputError(f"--data {data} (split {split!r}, kind {kind!r}): {e}") from None
     if len(ds) == 0:
@@ -80,36 +80,30 @@ def check_data(data: str | os.PathLike, split: str = "train", kind: str = "voxel
     return len(open_dataset(data, split, kind, None, B))
 
 
-def data_batches(data: str | os.PathLike, B: int, num_points: int, split: str = "train", kind: str = "voxel1cm",
-                 n_batches: int = DEFAULT_DATA_BATCHES, text_dim: int | None = None) -> list[dict]:
+def data_batches(data: str | os.PathLike, B: int, spec, split: str = "train", kind: str = "voxel1cm",
+                 n_batches: int = DEFAULT_DATA_BATCHES) -> list[dict]:
     """Up to ``n_batches`` collated batches of ``B`` real keysteps (a seed-0 permutation of the dataset, no
-    keystep twice), read with the training transforms at ``num_points``. Deterministic."""
+    keystep twice), read with the training transform the policy's ``InputSpec`` asks for and checked against
+    it. Deterministic."""
     from harness.data.collate import collate_keysteps
 
-    ds = open_dataset(data, split, kind, num_points, B)
+    ds = open_dataset(data, split, kind, spec, B)
     n = max(1, min(n_batches, len(ds) // B))
     order = np.random.default_rng(0).permutation(len(ds))[:n * B]
     try:
         items = [ds[int(i)] for i in order]
     except DataError as e:
         raise BenchInputError(f"--data {data}: {e}") from None
-    tokens = items[0].get("text_tokens")
-    if text_dim is not None and tokens is not None and tokens.shape[-1] != text_dim:
-        raise BenchInputError(f"--data {data}: instruction embeddings are {tokens.shape[-1]}-d but the model "
-                              f"expects {text_dim}")
-    return [collate_keysteps(items[k * B:(k + 1) * B]) for k in range(n)]
+    batches = [collate_keysteps(items[k * B:(k + 1) * B]) for k in range(n)]
+    try:
+        spec.check_batch(batches[0], where=f"a batch of --data {data}")
+    except ValueError as e:
+        raise BenchInputError(str(e)) from None
+    return batches
 
 
 def inputs_label(data: str | os.PathLike | None, split: str, n_batches: int) -> str:
     return "synthetic" if data is None else f"data:{data} ({split}, {n_batches} batches)"
-
-
-def input_sizes(policy) -> tuple[int, int | None]:
-    """(points per observation, instruction embedding width or None) the policy reads: its ``input_spec``
-    where it declares one, else its ``cfg`` (``num_points``, ``text_dim``)."""
-    spec, cfg = getattr(policy, "input_spec", None), getattr(policy, "cfg", None)
-    num_points = getattr(spec, "num_points", None) or getattr(cfg, "num_points", None) or 4000
-    return int(num_points), getattr(spec, "text_dim", None) or getattr(cfg, "text_dim", None)
 
 
 class StepRunner:
@@ -127,16 +121,15 @@ class StepRunner:
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.policy = build_policy(model, preset=preset).to(self.device).train()
-        num_points, text_dim = input_sizes(self.policy)
+        spec = self.policy.input_spec  # build_policy guarantees one
         if data is None:
-            if getattr(self.policy, "input_spec", None) is not None and self.policy.input_spec.modality == "images":
+            if spec.modality == "images":
                 raise BenchInputError(f"model {model!r} reads camera images; synthetic batches are point clouds "
                                       "only: pass --data with a keysteps dataset")
-            n_hist = getattr(getattr(self.policy, "input_spec", None), "n_hist", 1)
-            batches = [synthetic_batch(B, num_points, D=text_dim or 512, seed=seed, full=True, n_hist=n_hist)]
+            batches = [synthetic_batch(B, spec.num_points, D=spec.text_dim or 512, seed=seed, full=True,
+                                       n_hist=spec.n_hist)]
         else:
-            batches = data_batches(data, B, num_points, split=split, kind=kind, n_batches=n_batches,
-                                   text_dim=text_dim)
+            batches = data_batches(data, B, spec, split=split, kind=kind, n_batches=n_batches)
         self.batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         self.inputs = inputs_label(data, split, len(self.batches))
         self.train_cfg = TrainConfig(B=B, seed=seed, device=str(self.device))

@@ -92,7 +92,7 @@ def test_real_batches_cycle_identically_for_every_M(monkeypatch, data_root):
     runner = StepRunner("minidiffuser", "tiny", B=2, data=data_root, n_batches=2)
     assert len(runner.batches) == 2 and runner.inputs == f"data:{data_root} (train, 2 batches)"
     b = runner.batches[0]
-    assert b["points"].shape == (2, bench.input_sizes(runner.policy)[0], 3) and len(b["key"]) == 2  # real keysteps
+    assert b["points"].shape == (2, runner.policy.input_spec.num_points, 3) and len(b["key"]) == 2  # real keysteps
     assert runner.batches[0]["key"] != runner.batches[1]["key"]
     seen: dict[int, list] = {1: [], 4: []}
     monkeypatch.setattr(runner.trainer, "step", lambda batch, M: seen[M].append(tuple(batch["key"])))
