@@ -141,6 +141,7 @@ class PlannedRun:
     run_dir: Path
     state: str          # done | running | failed | pending (new, interrupted or died: resumes)
     error: str | None = None
+    composed: tuple | None = None  # compose_run(overrides), kept so a local launch does not compose again
 
 
 def run_state(run_dir: Path) -> tuple[str, dict | None]:
@@ -158,7 +159,8 @@ def plan_sweep(sweep: Sweep, out_dir: Path, extra: list[str], retry_failed: bool
     """Compose every cell, name its run folder and decide what to do with it."""
     planned, seen = [], {}
     for cell, overrides in zip(sweep.cells, sweep.cell_overrides(extra)):
-        _, _, _, name = compose_run(overrides)
+        composed = compose_run(overrides)
+        name = composed[3]
         if name in seen:
             raise ConfigError(f"sweep {sweep.name}: cells {seen[name]} and {cell} are the same run ({name})")
         seen[name] = cell
@@ -167,7 +169,7 @@ def plan_sweep(sweep: Sweep, out_dir: Path, extra: list[str], retry_failed: bool
         error = (record or {}).get("error")
         if state in ("interrupted", "died") or (state == "failed" and retry_failed):
             state = "pending"
-        planned.append(PlannedRun(cell, overrides, run_dir, state, error))
+        planned.append(PlannedRun(cell, overrides, run_dir, state, error, composed))
     return planned
 
 
@@ -275,7 +277,7 @@ def launch(planned: list[PlannedRun], cluster, out_dir: Path, wait: bool = True)
         from harness.train import run_training
 
         for p in todo:
-            cfg, resolved, yaml_text, _ = compose_run(p.overrides)
+            cfg, resolved, yaml_text, _ = p.composed or compose_run(p.overrides)
             try:
                 record = run_training(cfg, p.run_dir, resolved=resolved, config_yaml=yaml_text,
                                       overrides=p.overrides, launcher=launcher_info())
@@ -323,8 +325,12 @@ def run_sweep(name: str, extra: list[str], out: str | None = None, retry_failed:
         return planned, {}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep, out_dir, planned, extra)
-    cfg, _, _, _ = compose_run([*sweep.overrides, *extra])  # the cluster group comes from the sweep / command line
-    return planned, launch(planned, cfg.cluster, out_dir, wait=wait)
+    # the cluster group comes from the sweep and the command line, never from a cell: reuse the first cell's
+    # composition unless that cell itself sets a cluster key
+    first = planned[0]
+    cluster = (first.composed[0].cluster if not any(o.startswith("cluster") for o in first.cell)
+               else compose_run([*sweep.overrides, *extra])[0].cluster)
+    return planned, launch(planned, cluster, out_dir, wait=wait)
 
 
 # --------------------------------------------------------------------------------------------- status
