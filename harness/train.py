@@ -390,6 +390,7 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock | None, resolved: di
     if config_yaml is not None:
         record.write_config(config_yaml)
     t = cfg.train
+    after_death = bool(previous and previous.get("status") == "died")  # read before the update below
     record.data = previous or record.data
     plan = loader_plan(cfg.data.workers)
     torch.set_num_threads(plan["torch_threads"])
@@ -410,7 +411,9 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock | None, resolved: di
         checkpoint_step=(previous or {}).get("checkpoint_step"),
         versions={"torch": torch.__version__, "python": platform.python_version()},
         started_at=(previous or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    last_good = {"step": (previous or {}).get("checkpoint_step"), "path": ckpt_path}
+    # a kill between writing last.pt and recording its step leaves the record one checkpoint behind: the
+    # death note takes the step the run actually resumes from (read from the checkpoint in _train)
+    last_good = {"step": (previous or {}).get("checkpoint_step"), "path": ckpt_path, "after_death": after_death}
     try:
         return _train(cfg, policy, train_ds, eval_ds, record, ckpt_path, device, fp, semantic, identity,
                       last_good, dist)
@@ -498,6 +501,8 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
         wall_before = state["wall_time_s"]
         set_rng_state(state["rng"])
         last_good["step"] = step
+        if last_good.get("after_death") and record.data.get("died"):
+            record.update(died={**record.data["died"], "checkpoint_step": step}, checkpoint_step=step)
         log.info("resumed %s at step %d", record.dir, step)
     sampler = make_sampler(policy.noise_scheduler, SamplerConfig(t.sampler, t.sampler_steps))
     # rank 0 evaluates, in batches of the global size, so the metrics are those of one process at B * W

@@ -227,6 +227,21 @@ def test_disk_full_is_one_line_and_the_next_start_reports_died(data, tmp_path, m
     assert out["status"] == "done" and out["died"]["checkpoint_step"] == 2
 
 
+def test_a_kill_between_checkpoint_and_record_reports_the_checkpoint_step(data, tmp_path):
+    """SIGKILL after last.pt is renamed into place but before record.json names its step: the record says
+    running with an older (here: no) checkpoint step. The resume reads the step from the checkpoint and
+    the death note says where the run resumed from, not what the stale record said."""
+    run_dir = tmp_path / "run"
+    run_training(_cfg(data, steps=4), run_dir)
+    rec = json.loads((run_dir / "record.json").read_text())
+    rec.update(status="running", checkpoint_step=None, steps_done=3)
+    (run_dir / "record.json").write_text(json.dumps(rec))
+    assert load_checkpoint(run_dir / "ckpt" / "last.pt")["step"] == 4
+    out = run_training(_cfg(data, steps=4), run_dir)
+    assert out["status"] == "done"
+    assert out["died"]["checkpoint_step"] == 4 and out["checkpoint_step"] == 4
+
+
 def test_cli_disk_full_prints_one_line(data, tmp_path):
     """The same through `mdh train`: one line, exit 2, no traceback (ENOSPC injected by a wrapper)."""
     code = (
