@@ -56,6 +56,32 @@ def _fig2_counts(data: Table, done: list[Run]) -> str:
             f"{', '.join(str(e) for e in episodes) or '-'} episodes per run that has it.")
 
 
+def budget_summary(runs: list[Run]) -> str:
+    """What the measured numbers cost and how many seeds stand behind them: per sweep (or 'no sweep'), the
+    runs done, training steps, seeds per configuration and the summed wall time, from the records."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.done:
+            groups.setdefault(r.sweep or "(no sweep)", []).append(r)
+    if not groups:
+        return "Budget: no done run."
+    lines = []
+    for name, rs in sorted(groups.items()):
+        wall = sum(r.sub("timing").get("wall_time_s") or 0.0 for r in rs)
+        steps = sorted({int(r.get("steps_done", 0)) for r in rs})
+        configs: dict[tuple, set] = {}
+        for r in rs:
+            key = tuple(sorted((k, str(v)) for k, v in r.semantic.items() if k != "train.seed"))
+            configs.setdefault(key, set()).add(r.seed)
+        seeds = sorted({len(s) for s in configs.values()})
+        devices = sorted({f"{r.device_kind or '?'} x{r.sub('device').get('count', 1)}" for r in rs})
+        lines.append(f"- `{name}`: {len(rs)} done runs, {len(configs)} configurations, "
+                     f"{'/'.join(str(n) for n in seeds)} seed(s) each, {'/'.join(str(s) for s in steps)} "
+                     f"training steps per run, {wall / 60:.1f} min of training wall time in all "
+                     f"({', '.join(devices)}).")
+    return "Budget (from the records: steps, seeds, summed wall time of the done runs):\n\n" + "\n".join(lines)
+
+
 def render_report(results_dir: str | Path, out_dir: str | Path | None = None,
                   paper: PaperNumbers | None = None) -> Report:
     """Render the report of every run below ``results_dir`` into ``out_dir`` (default: ``results_dir``)."""
@@ -80,6 +106,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None,
          f"records: {', '.join(factor_versions) or '-'}. Every measured cell names its run(s): a run id is the "
          "run folder's path relative to the results folder (`<results>/<run id>/record.json`). "
          "See docs/report.md for what each table and figure shows.\n"),
+        budget_summary(runs) + "\n",
         "## Runs\n",
         _section(runs_table(runs), out_dir, files),
     ]

@@ -328,3 +328,17 @@ def test_component_base_is_the_full_model_even_with_options_every_run_sets(tmp_p
     assert (dda["paper_delta_time_pct"], dda["paper_delta_memory_pct"]) == (18.0, 44.0)
     t2, _ = table2(runs, load_paper_numbers())
     assert "pct_of_3dda_success" not in {c.key for c in t2.cols}  # no measured 3DDA run: no such columns
+
+
+def test_budget_states_seeds_steps_and_summed_wall_time(tmp_path):
+    from harness.report.build import budget_summary
+    from harness.report.collect import discover_runs
+
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f"m1s{seed}", M=1, seed=seed, step_time=2.0)   # 500 steps x 2 s each
+    make_run(tmp_path, "m64s0", M=64, seed=0, step_time=4.0)
+    make_run(tmp_path, "failed", M=8, status="failed", step_time=100.0)  # not done: not counted
+    text = budget_summary(discover_runs(tmp_path))
+    assert "4 done runs, 2 configurations, 1/3 seed(s) each, 500 training steps per run" in text
+    assert f"{(3 * 500 * 2.0 + 500 * 4.0) / 60:.1f} min of training wall time" in text
+    assert "Budget" in (render_report(tmp_path).path.read_text())
