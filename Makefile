@@ -31,7 +31,7 @@ test-all: venv
 
 QUICK_STEPS ?= 400
 
-# The quick sweep (sweeps/quick.yaml: Mini-Diffuser small at M = 1, 8, 64) on the embedded suite; re-running
+# The quick sweep (sweeps/quick.yaml: Mini-Diffuser small at M = 1 and 64) on the embedded suite; re-running
 # it skips finished runs and resumes interrupted ones.
 quick: venv
 	$(BIN)/mdh data metaworld --tasks $(QUICK_TASKS) --episodes 10 --out $(QUICK_DATA)
