@@ -73,7 +73,9 @@ def _int_list(text: str) -> list[int]:
 
 def _add_bench_step(bsub) -> None:
     s = bsub.add_parser("step", help="training-step time and peak memory per Level-2 batch M")
-    s.add_argument("--model", default="minidiffuser")
+    s.add_argument("--model", default="minidiffuser",
+                   help="comma-separated policies, each NAME (its preset and every variant, e.g. 3DDA's three "
+                        "Level-2 strategies) or NAME[VARIANT]; timed side by side in one process")
     s.add_argument("--preset", default=None, help="a preset of the policy (default: the policy's default)")
     s.add_argument("--B", type=int, default=8, help="Level-1 batch (observations per step)")
     s.add_argument("--M", type=_int_list, default=[1, 8, 64, 256], help="comma-separated Level-2 batches")
@@ -83,7 +85,9 @@ def _add_bench_step(bsub) -> None:
     s.add_argument("--data", metavar="PATH", default=None,
                    help="time real batches from this dataset (pre-loaded, not timed); default: synthetic")
     s.add_argument("--split", default="train", help="with --data: which split (default train)")
-    s.add_argument("--kind", default="voxel1cm", choices=["voxel1cm", "keysteps"], help="with --data")
+    s.add_argument("--kind", default=None, choices=["voxel1cm", "keysteps"],
+                   help="with --data: the points policies' data kind (default voxel1cm); image policies read "
+                        "keysteps")
     s.add_argument("--data-batches", type=int, default=8,
                    help="with --data: how many distinct batches each M cycles through (default 8)")
     s.add_argument("--json", action="store_true", help="print a JSON list of objects")

@@ -174,7 +174,8 @@ class PolicyEntry:
     ``name``: what users type (``model=<name>``); ``config_class``: the policy's typed config dataclass,
     which becomes the Hydra schema of ``model.options`` (every field settable, type-checked at compose);
     ``build(config, data_info) -> Policy``; ``presets``: named field values (``model.preset``), applied
-    under the user's options; ``default_preset``: the preset used when none is given.
+    under the user's options; ``default_preset``: the preset used when none is given; ``variants``: named
+    option sets (e.g. another Level-2 strategy) that the conformance suite checks as well as the preset.
     """
 
     name: str
@@ -183,6 +184,7 @@ class PolicyEntry:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     default_preset: str | None = None
     description: str = ""
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not dataclasses.is_dataclass(self.config_class):

@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 import torch
 
-from harness.bench.synthetic import synthetic_batch
+from harness.bench.synthetic import SYNTHETIC_CAMERAS, synthetic_batch
 from harness.config import TrainConfig
 from harness.data.errors import DataError
 from harness.measure.memory import maxrss_bytes
@@ -102,8 +102,10 @@ def data_batches(data: str | os.PathLike, B: int, spec, split: str = "train", ki
     return batches
 
 
-def inputs_label(data: str | os.PathLike | None, split: str, n_batches: int) -> str:
-    return "synthetic" if data is None else f"data:{data} ({split}, {n_batches} batches)"
+def inputs_label(data: str | os.PathLike | None, split: str, n_batches: int, cameras=None) -> str:
+    if data is None:
+        return "synthetic" + (f" ({cameras[0]} cameras {cameras[1]}x{cameras[2]})" if cameras else "")
+    return f"data:{data} ({split}, {n_batches} batches)"
 
 
 class StepRunner:
@@ -116,22 +118,25 @@ class StepRunner:
     """
 
     def __init__(self, model: str, preset: str, B: int, device: str = "cpu", seed: int = 0,
-                 data: str | os.PathLike | None = None, split: str = "train", kind: str = "voxel1cm",
-                 n_batches: int = DEFAULT_DATA_BATCHES):
+                 data: str | os.PathLike | None = None, split: str = "train", kind: str | None = None,
+                 n_batches: int = DEFAULT_DATA_BATCHES, options: dict | None = None):
         self.device = torch.device(device)
         torch.manual_seed(seed)
-        self.policy = build_policy(model, preset=preset).to(self.device).train()
+        self.policy = build_policy(model, preset=preset, **(options or {})).to(self.device).train()
         spec = self.policy.input_spec  # build_policy guarantees one
+        kind = kind_for(spec.modality, kind)
         if data is None:
+            cameras = None
             if spec.modality == "images":
-                raise BenchInputError(f"model {model!r} reads camera images; synthetic batches are point clouds "
-                                      "only: pass --data with a keysteps dataset")
-            batches = [synthetic_batch(B, spec.num_points, D=spec.text_dim or 512, seed=seed, full=True,
-                                       n_hist=spec.n_hist)]
+                n_cam = len(spec.cameras) if spec.cameras else SYNTHETIC_CAMERAS[0]
+                cameras = (n_cam, *(spec.image_size or SYNTHETIC_CAMERAS[1:]))
+            batches = [synthetic_batch(B, spec.num_points or 1024, D=spec.text_dim or 512, seed=seed, full=True,
+                                       n_hist=spec.n_hist, cameras=cameras)]
         else:
             batches = data_batches(data, B, spec, split=split, kind=kind, n_batches=n_batches)
+        self.kind = kind if data is not None else None
         self.batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-        self.inputs = inputs_label(data, split, len(self.batches))
+        self.inputs = inputs_label(data, split, len(self.batches), None if data is not None else cameras)
         self.train_cfg = TrainConfig(B=B, seed=seed, device=str(self.device))
         self.trainer = TrainStep(self.policy, self.train_cfg, self.device)
         self._next: dict[int, int] = {}
@@ -163,27 +168,70 @@ class StepRunner:
         return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "torch_threads": torch.get_num_threads(),
                 "params": sum(p.numel() for p in self.policy.parameters()),
-                "inputs": self.inputs, "input_batches": len(self.batches), "autocast": self.autocast}
+                "inputs": self.inputs, "input_batches": len(self.batches), "autocast": self.autocast,
+                "data_kind": self.kind}
 
 
-def time_interleaved(model: str, preset: str, B: int, Ms: list[int], steps: int = 10, warmup: int = 3,
-                     device: str = "cpu", **inputs) -> dict:
-    """Step times per M from one process, steps interleaved round-robin. Returns {"times": {M: [s, ...]}, ...}.
-    ``inputs``: ``data``, ``split``, ``kind``, ``n_batches`` of ``StepRunner``."""
-    runner = StepRunner(model, preset, B, device, **inputs)
+def kind_for(modality: str, kind: str | None) -> str:
+    """The data kind a policy reads: camera images exist only in "keysteps" data; points default to
+    "voxel1cm" unless ``kind`` says otherwise."""
+    return "keysteps" if modality == "images" else (kind or "voxel1cm")
+
+
+def parse_targets(text: str) -> list[dict]:
+    """``--model`` -> what to time: comma-separated ``name`` or ``name[variant]`` (``PolicyEntry.variants``).
+    A bare name stands for the policy as configured by its preset AND each of its variants (3D Diffuser
+    Actor: its three Level-2 strategies). Returns [{"label", "model", "options"}]; bad names raise
+    ``BenchInputError``."""
+    targets = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, _, variant = item.partition("[")
+        try:
+            entry = get_policy(name)
+        except KeyError as e:
+            raise BenchInputError(e.args[0]) from None
+        if variant:
+            variant = variant.rstrip("]")
+            if variant not in entry.variants:
+                raise BenchInputError(f"policy {name!r} has no variant {variant!r}; choices: {sorted(entry.variants)}")
+            targets.append({"label": item, "model": name, "options": dict(entry.variants[variant])})
+        else:
+            targets.append({"label": name, "model": name, "options": {}})
+            targets += [{"label": f"{name}[{v}]", "model": name, "options": dict(o)} for v, o in entry.variants.items()]
+    if not targets:
+        raise BenchInputError(f"--model names no policy: {text!r}")
+    labels = [t["label"] for t in targets]
+    if len(set(labels)) != len(labels):
+        raise BenchInputError(f"--model names a configuration twice: {labels}")
+    return targets
+
+
+def time_interleaved(targets: list[dict], preset: str | None, B: int, Ms: list[int], steps: int = 10,
+                     warmup: int = 3, device: str = "cpu", **inputs) -> dict:
+    """Step times of every (target, M) from ONE process, steps interleaved round-robin over targets and M.
+    ``targets``: ``parse_targets`` entries (``preset`` None: each policy's default). Returns
+    {label: {"times": {M: [s, ...]}, **describe()}}. ``inputs``: ``data``, ``split``, ``kind``, ``n_batches``."""
+    runners = {t["label"]: StepRunner(t["model"], preset, B, device, options=t["options"], **inputs)
+               for t in targets}
     for _ in range(warmup):
-        for M in Ms:
-            runner.step(M)
-    times: dict[int, list[float]] = {M: [] for M in Ms}
+        for runner in runners.values():
+            for M in Ms:
+                runner.step(M)
+    times = {label: {M: [] for M in Ms} for label in runners}
     for _ in range(steps):
-        for M in Ms:
-            times[M].append(runner.step(M))
-    return {"times": {str(M): t for M, t in times.items()}, **runner.describe()}
+        for label, runner in runners.items():
+            for M in Ms:
+                times[label][M].append(runner.step(M))
+    return {label: {"times": {str(M): t for M, t in times[label].items()}, **runner.describe()}
+            for label, runner in runners.items()}
 
 
-def peak_memory(model: str, preset: str, B: int, M: int, steps: int = 2, device: str = "cpu", **inputs) -> dict:
+def peak_memory(model: str, preset: str | None, B: int, M: int, steps: int = 2, device: str = "cpu",
+                options: dict | None = None, **inputs) -> dict:
     """Peak memory of ``steps`` training steps at one M, meant to run in a fresh process."""
-    runner = StepRunner(model, preset, B, device, **inputs)
+    runner = StepRunner(model, preset, B, device, options=options, **inputs)
     rss_before = psutil.Process().memory_info().rss
     if runner.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runner.device)
@@ -211,65 +259,97 @@ def _subprocess(func: str, kwargs: dict) -> dict:
 
 def bench_step(model: str, preset: str | None, B: int, Ms: list[int], steps: int = 10, warmup: int = 3,
                device: str = "cpu", data: str | os.PathLike | None = None, split: str = "train",
-               kind: str = "voxel1cm", n_batches: int = DEFAULT_DATA_BATCHES) -> list[dict]:
-    """One result dict per M (keys: model, preset, B, M, inputs, step_time_median_s, step_time_p90_s,
-    samples_per_s, peak_memory_bytes, memory_source, device, autocast, ...) with ratios to the first M.
+               kind: str | None = None, n_batches: int = DEFAULT_DATA_BATCHES) -> list[dict]:
+    """One result dict per (configuration, M) (keys: label, model, options, preset, B, M, inputs,
+    step_time_median_s, step_time_p90_s, time_per_sample_s, samples_per_s, peak_memory_bytes, memory_source,
+    device, autocast, ...) with ratios to the configuration's first M and, at equal M (so equal B x M),
+    to the first configuration (``sample_time_ratio_to_first``, ``memory_ratio_to_first``).
 
-    ``data``: time real batches from this dataset (``split``, ``kind``, ``n_batches`` batches) instead of a
-    synthetic one; checked here first, so a bad path raises ``BenchInputError`` before any subprocess starts.
+    ``model``: ``parse_targets`` syntax (``"diffuser_actor,minidiffuser"``, ``"diffuser_actor[shared]"``).
+    ``data``: time real batches from this dataset (``split``; ``kind``: the points policies' data kind,
+    image policies read "keysteps"; ``n_batches`` batches) instead of a synthetic one; checked here first,
+    so a bad path raises ``BenchInputError`` before any subprocess starts.
     """
-    try:  # a bad model or preset is one line here, not a traceback from a subprocess
-        entry = get_policy(model)
-        entry.make_config(preset)
-        preset = preset or entry.default_preset
-    except (KeyError, ValueError) as e:
-        raise BenchInputError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
+    targets = parse_targets(model)
+    try:  # a bad preset is one line here, not a traceback from a subprocess
+        for t in targets:
+            get_policy(t["model"]).make_config(preset, **t["options"])
+    except ValueError as e:
+        raise BenchInputError(str(e)) from None
     inputs: dict = {}
     if data is not None:
-        check_data(data, split, kind, B)
+        for k in sorted({kind_for(_modality(t), kind) for t in targets}):
+            check_data(data, split, k, B)
         inputs = {"data": str(Path(data).expanduser().resolve()), "split": split, "kind": kind,
                   "n_batches": n_batches}
-    timing = _subprocess("time_interleaved", dict(model=model, preset=preset, B=B, Ms=list(Ms), steps=steps,
+    timing = _subprocess("time_interleaved", dict(targets=targets, preset=preset, B=B, Ms=list(Ms), steps=steps,
                                                   warmup=warmup, device=device, **inputs))
-    label = inputs_label(None if data is None else data, split, timing["input_batches"])
     results = []
-    for M in Ms:
-        t = timing["times"][str(M)]
-        mem = _subprocess("peak_memory", dict(model=model, preset=preset, B=B, M=M, device=device, **inputs))
-        results.append({
-            "model": model, "preset": preset, "B": B, "M": M, "steps": steps, "warmup": warmup,
-            "inputs": label, "data_path": inputs.get("data"), "data_split": inputs.get("split"),
-            "data_kind": inputs.get("kind"), "input_batches": timing["input_batches"],
-            "step_time_median_s": float(np.median(t)), "step_time_p90_s": float(np.percentile(t, 90)),
-            "samples_per_s": B * M / float(np.median(t)), "step_times_s": t,
-            "device": timing["device"], "torch_threads": timing["torch_threads"], "params": timing["params"],
-            "autocast": timing["autocast"], **mem,
-        })
-    base = results[0]
+    for target in targets:
+        tm = timing[target["label"]]
+        label = tm["inputs"]
+        rows = []
+        for M in Ms:
+            t = tm["times"][str(M)]
+            mem = _subprocess("peak_memory", dict(model=target["model"], preset=preset, B=B, M=M, device=device,
+                                                  options=target["options"], **inputs))
+            median = float(np.median(t))
+            rows.append({
+                "label": target["label"], "model": target["model"], "options": target["options"],
+                "preset": preset or get_policy(target["model"]).default_preset, "B": B, "M": M, "steps": steps,
+                "warmup": warmup, "inputs": label, "data_path": inputs.get("data"), "data_split": inputs.get("split"),
+                "data_kind": tm.get("data_kind"), "input_batches": tm["input_batches"],
+                "step_time_median_s": median, "step_time_p90_s": float(np.percentile(t, 90)),
+                "time_per_sample_s": median / (B * M), "samples_per_s": B * M / median, "step_times_s": t,
+                "device": tm["device"], "torch_threads": tm["torch_threads"], "params": tm["params"],
+                "autocast": tm["autocast"], **mem,
+            })
+        base = rows[0]
+        for r in rows:
+            r["time_ratio"] = r["step_time_median_s"] / base["step_time_median_s"]
+            r["memory_ratio"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
+            if base.get("step_memory_bytes"):
+                r["step_memory_ratio"] = r["step_memory_bytes"] / base["step_memory_bytes"]
+        results += rows
+    first = {r["M"]: r for r in results if r["label"] == targets[0]["label"]}
     for r in results:
-        r["time_ratio"] = r["step_time_median_s"] / base["step_time_median_s"]
-        r["memory_ratio"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
-        if base.get("step_memory_bytes"):
-            r["step_memory_ratio"] = r["step_memory_bytes"] / base["step_memory_bytes"]
+        ref = first[r["M"]]
+        r["first_label"] = ref["label"]
+        r["sample_time_ratio_to_first"] = r["time_per_sample_s"] / ref["time_per_sample_s"]
+        r["memory_ratio_to_first"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
     return results
+
+
+def _modality(target: dict) -> str:
+    entry = get_policy(target["model"])
+    return entry.build(entry.make_config(None, **target["options"]), None).input_spec.modality
 
 
 def format_table(results: list[dict]) -> str:
     from tabulate import tabulate
 
     base_M = results[0]["M"]
-    rows = [[r["M"], f"{r['step_time_median_s']:.3f}", f"{r['step_time_p90_s']:.3f}", f"{r['time_ratio']:.3f}",
+    labels = list(dict.fromkeys(r.get("label", r["model"]) for r in results))
+    many = len(labels) > 1
+    rows = [[*([r.get("label", r["model"])] if many else []), r["M"], f"{r['step_time_median_s']:.3f}",
+             f"{r['step_time_p90_s']:.3f}", f"{r['time_ratio']:.3f}",
+             f"{1e3 * r['step_time_median_s'] / (r['B'] * r['M']):.3f}",
+             *([f"{r['sample_time_ratio_to_first']:.3f}"] if many else []),
              f"{r['peak_memory_bytes'] / 2**20:.0f}", f"{r['memory_ratio']:.3f}",
+             *([f"{r['memory_ratio_to_first']:.3f}"] if many else []),
              f"{r['step_memory_bytes'] / 2**20:.0f}" if "step_memory_bytes" in r else "-",
              f"{r['step_memory_ratio']:.3f}" if "step_memory_ratio" in r else "-"] for r in results]
-    head = ["M", "median s", "p90 s", f"time / M={base_M}", "peak MiB", f"peak / M={base_M}",
-            "step MiB", f"step / M={base_M}"]
+    head = [*(["configuration"] if many else []), "M", "median s", "p90 s", f"time / M={base_M}",
+            "ms / sample (B x M)", *([f"sample time / {labels[0]}"] if many else []), "peak MiB",
+            f"peak / M={base_M}", *([f"peak / {labels[0]}"] if many else []), "step MiB", f"step / M={base_M}"]
     r0 = results[0]
-    title = (f"{r0['model']} preset={r0['preset']} B={r0['B']} inputs={r0.get('inputs', 'synthetic')} "
+    params = ", ".join(f"{r.get('label', r['model'])} {r['params']:,}" for r in results if r["M"] == base_M)
+    title = (f"{', '.join(labels)} preset={r0['preset']} B={r0['B']} inputs={r0.get('inputs', 'synthetic')} "
              f"device={r0['device']} autocast={r0.get('autocast', 'none')} threads={r0['torch_threads']} "
-             f"params={r0['params']:,}; step: harness.train_step.TrainStep; time: {r0['steps']} interleaved "
-             f"steps per M in one process; memory ({r0['memory_source']}): one process per M (step MiB = peak "
-             f"minus RSS before the first step)")
+             f"params: {params}; step: harness.train_step.TrainStep; time: {r0['steps']} steps per configuration "
+             f"and M, interleaved in one process; memory ({r0['memory_source']}): one process per configuration "
+             f"and M (step MiB = peak minus RSS before the first step)"
+             + (f"; ratios '/ {labels[0]}' at equal M (equal B x M)" if many else ""))
     return title + "\n" + tabulate(rows, head, tablefmt="github")
 
 

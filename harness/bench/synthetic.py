@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+SYNTHETIC_CAMERAS = (4, 128, 128)  # image policies: the embedded Meta-World suite's cameras and size
+
 
 def synthetic_batch(B: int, N: int, L: int = 7, D: int = 512, seed: int = 0, full: bool = False,
-                    n_hist: int = 1) -> dict:
+                    n_hist: int = 1, cameras: tuple[int, int, int] | None = None) -> dict:
     """Tensors shaped like ``collate_keysteps`` output: points/colors (B, N, 3), height (B, N, 1),
     point_mask (B, N), text_tokens (B, L, D), text_mask (B, L), target/pose (B, 8), history (B, n_hist, 8),
-    offset (B, 3) zeros, rotation (B,) zeros.
+    offset (B, 3) zeros, rotation (B,) zeros. ``cameras`` (n_cam, H, W): also images (B, n_cam, 3, H, W) in
+    [-1, 1] and point_maps, each camera's map a tilted plane over the table (for image policies).
 
     Unless ``full``, observation 0 has a quarter of its points masked and observation 1's instruction is
     two tokens shorter, so padding paths are exercised.
@@ -44,7 +47,16 @@ def synthetic_batch(B: int, N: int, L: int = 7, D: int = 512, seed: int = 0, ful
     quat = F.normalize(torch.randn(B, 4, generator=g), dim=-1)
     target = torch.cat([torch.rand(B, 3, generator=g) * 0.3 - 0.15, quat,
                         torch.randint(0, 2, (B, 1), generator=g).float()], dim=1)
+    extra = {}
+    if cameras is not None:
+        n_cam, H, W = cameras
+        v, u = torch.meshgrid(torch.linspace(-0.3, 0.3, H), torch.linspace(-0.3, 0.3, W), indexing="ij")
+        plane = torch.stack([u, v, -0.2 + 0.1 * v], dim=0)  # (3, H, W)
+        shift = torch.rand(B, n_cam, 3, 1, 1, generator=g) * 0.05
+        extra = {"images": torch.rand(B, n_cam, 3, H, W, generator=g) * 2 - 1,
+                 "point_maps": plane.expand(B, n_cam, 3, H, W) + shift}
     return {
+        **extra,
         "points": pts, "colors": (torch.rand(B, N, 3, generator=g) * 2 - 1) * mask[..., None],
         "height": (pts[..., 2:3] + 0.2) * mask[..., None], "point_mask": mask,
         "text_tokens": torch.randn(B, L, D, generator=g) * text_mask[..., None], "text_mask": text_mask,

@@ -25,7 +25,8 @@ def farthest_point_sample(
     points remain (even when they coincide in space).
 
     Args:
-        points: (B, N, 3) float coordinates.
+        points: (B, N, D) float coordinates: xyz (D = 3), or features (3D Diffuser Actor samples its scene
+            tokens in their 120-d feature space).
         k: number of points to pick per batch item, >= 1.
         mask: optional (B, N) bool, True = valid. Masked-out points are never picked. Every item needs at
             least one valid point.
@@ -37,9 +38,9 @@ def farthest_point_sample(
         int64 (B, k) indices into N. If an item has ``n_valid < k`` valid points, its first ``n_valid``
         picks are all of them in FPS order and the rest repeat that sequence cyclically.
     """
-    if not isinstance(points, torch.Tensor) or points.dim() != 3 or points.shape[2] != 3:
+    if not isinstance(points, torch.Tensor) or points.dim() != 3 or points.shape[2] < 1:
         shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
-        raise ValueError(f"points must have shape (B, N, 3), got {shape}")
+        raise ValueError(f"points must have shape (B, N, D) with D >= 1, got {shape}")
     if not points.is_floating_point():
         raise ValueError(f"points must be a floating-point tensor, got dtype {points.dtype}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -144,3 +144,32 @@ def test_synthetic_batch_has_every_key_the_input_spec_names():
 
     InputSpec("points", num_points=32, text_dim=16, n_hist=3).check_batch(
         synthetic_batch(2, 32, D=16, full=True, n_hist=3))
+
+
+def test_model_list_expands_variants_and_names_bad_ones():
+    from harness.bench.step import parse_targets
+
+    labels = [t["label"] for t in parse_targets("diffuser_actor,minidiffuser")]
+    assert labels == ["diffuser_actor", "diffuser_actor[loop]", "diffuser_actor[shared]", "minidiffuser"]
+    assert parse_targets("diffuser_actor[shared]") == [
+        {"label": "diffuser_actor[shared]", "model": "diffuser_actor", "options": {"level2": "shared"}}]
+    with pytest.raises(BenchInputError, match="no variant 'twice'; choices: \\['loop', 'shared'\\]"):
+        parse_targets("diffuser_actor[twice]")
+    with pytest.raises(BenchInputError, match="twice"):
+        parse_targets("minidiffuser,minidiffuser")
+
+
+def test_configurations_side_by_side_with_per_sample_ratios():
+    """Two 3DDA strategies timed in one process on synthetic camera inputs; ratios at equal B x M."""
+    results = bench_step("diffuser_actor[loop],diffuser_actor[shared]", "tiny", B=2, Ms=[1, 2], steps=1, warmup=0)
+    assert [(r["label"], r["M"]) for r in results] == [("diffuser_actor[loop]", 1), ("diffuser_actor[loop]", 2),
+                                                       ("diffuser_actor[shared]", 1), ("diffuser_actor[shared]", 2)]
+    for r in results:
+        assert r["inputs"] == "synthetic (4 cameras 128x128)" and r["options"]["level2"] in ("loop", "shared")
+        assert r["time_per_sample_s"] == pytest.approx(r["step_time_median_s"] / (2 * r["M"]))
+        ref = next(x for x in results if x["label"] == "diffuser_actor[loop]" and x["M"] == r["M"])
+        assert r["sample_time_ratio_to_first"] == pytest.approx(r["time_per_sample_s"] / ref["time_per_sample_s"])
+        assert r["memory_ratio_to_first"] == pytest.approx(r["peak_memory_bytes"] / ref["peak_memory_bytes"])
+    assert results[2]["time_ratio"] == 1.0  # each configuration's ratios are to its own first M
+    table = format_table(results)
+    assert "configuration" in table and "sample time / diffuser_actor[loop]" in table

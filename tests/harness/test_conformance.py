@@ -45,8 +45,15 @@ MODES = ["eval", "train"]
 
 
 def _registered() -> list[str]:
+    """Every policy name, and ``name[variant]`` for each of its ``PolicyEntry.variants``."""
     with isolated_registry(TOY_DIR):
-        return policy_names()
+        return [p for n in policy_names() for p in [n, *(f"{n}[{v}]" for v in get_policy(n).variants)]]
+
+
+def _split(param: str) -> tuple[str, dict]:
+    """"name" or "name[variant]" -> (policy name, the variant's options)."""
+    name, _, variant = param.partition("[")
+    return name, dict(get_policy(name).variants[variant.rstrip("]")]) if variant else {}
 
 
 POLICIES = _registered()
@@ -75,7 +82,7 @@ def data_root(tmp_path_factory, synth):
 
 
 def _preset(name: str) -> str | None:
-    entry = get_policy(name)
+    entry = get_policy(_split(name)[0])
     return "tiny" if "tiny" in entry.presets else entry.default_preset
 
 
@@ -85,7 +92,7 @@ _KIND: dict[str, str] = {}
 def _kind(name: str) -> str:
     """The data kind the policy reads: camera images are only in "keysteps" data."""
     if name not in _KIND:
-        entry = get_policy(name)
+        entry = get_policy(_split(name)[0])
         modality = entry.build(entry.make_config(_preset(name)), None).input_spec.modality
         _KIND[name] = "keysteps" if modality == "images" else "voxel1cm"
     return _KIND[name]
@@ -93,7 +100,8 @@ def _kind(name: str) -> str:
 
 def _cfg(name: str, root, num_points: int | None = NUM_POINTS, **options) -> RunConfig:
     kind = _kind(name)
-    return RunConfig(model=ModelConfig(name=name, preset=_preset(name), options=options),
+    base, variant = _split(name)
+    return RunConfig(model=ModelConfig(name=base, preset=_preset(name), options={**variant, **options}),
                      data=DataConfig(name="synthetic", path=str(root), kind=kind, workers=0, num_points=num_points,
                                      eval_keysteps=4),
                      train=TrainConfig(B=B, M=M, device="cpu", progress=False))
@@ -121,7 +129,7 @@ def _batches(name: str, root) -> dict:
 
 
 def _no_dropout(name: str) -> dict:
-    config = get_policy(name).make_config(_preset(name))
+    config = get_policy(_split(name)[0]).make_config(_preset(name), **_split(name)[1])
     return {f.name: 0.0 for f in dataclasses.fields(config)
             if "drop" in f.name and isinstance(getattr(config, f.name), float)}
 
@@ -166,14 +174,15 @@ def _needs_shared_condition(policy) -> None:
 
 
 def test_suite_covers_the_builtin_and_the_plugin():
-    assert {"minidiffuser", "toy"} <= set(POLICIES), POLICIES
+    assert {"minidiffuser", "diffuser_actor", "diffuser_actor[shared]", "toy"} <= set(POLICIES), POLICIES
     assert _preset("minidiffuser") == "tiny" and _preset("toy") == "tiny"
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_entry_config_and_protocol(name, data_root):
-    entry = get_policy(name)
-    assert entry.name == name
+    base, variant = _split(name)
+    entry = get_policy(base)
+    assert entry.name == base
     for preset in entry.presets:  # every preset makes a valid config (building "paper" would be slow)
         assert isinstance(entry.make_config(preset), entry.config_class)
     schema = {f.name: f for f in dataclasses.fields(options_schema(entry))}
@@ -181,7 +190,7 @@ def test_entry_config_and_protocol(name, data_root):
     policy = _build(name, data_root)
     assert isinstance(policy, Policy) and isinstance(policy, nn.Module)
     assert isinstance(policy.config, entry.config_class)
-    assert policy.config == entry.make_config(_preset(name))
+    assert policy.config == entry.make_config(_preset(name), **variant)
     assert isinstance(policy.action_dim, int) and policy.action_dim >= 1
     assert isinstance(policy.shares_condition, bool)
     assert sum(p.numel() for p in policy.parameters() if p.requires_grad) > 0

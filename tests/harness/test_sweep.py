@@ -131,8 +131,9 @@ def test_grid_crosses_every_cell(data, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["quick", "table3", "convergence_m", "profile", "table2"])
-def test_shipped_sweeps_compose(name, data, tmp_path):
+def test_shipped_sweeps_compose(name, data, tmp_path, monkeypatch):
     """Every sweep in sweeps/ composes against the schemas (paths overridden as a user would)."""
+    monkeypatch.setenv("MDH_KEYSTEPS_PATH", str(data))  # table3's 3DDA cells read camera data from here
     sweep = load_sweep(name)
     assert sweep.description and sweep.path.read_text().startswith("#")  # header says what and how much
     planned = plan_sweep(sweep, tmp_path / name, [f"data.path={data}"])

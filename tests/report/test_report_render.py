@@ -342,3 +342,25 @@ def test_budget_states_seeds_steps_and_summed_wall_time(tmp_path):
     assert "4 done runs, 2 configurations, 1/3 seed(s) each, 500 training steps per run" in text
     assert f"{(3 * 500 * 2.0 + 500 * 4.0) / 60:.1f} min of training wall time" in text
     assert "Budget" in (render_report(tmp_path).path.read_text())
+
+
+def test_3dda_rows_compare_with_minidiffuser_at_the_same_B_and_M(tmp_path):
+    """Table 3's "3DDA" and "3DDA, minimal modification" rows: each 3D Diffuser Actor group against
+    Mini-Diffuser's full model at the same B, M, preset and device; the shared head carries the paper's
+    "3DDA backbone + action head" claim."""
+    md = make_run(tmp_path, "md", M=64, step_time=1.0, peak=8 * GIB)
+    make_run(tmp_path, "md_m1", M=1, step_time=0.9, peak=7 * GIB)
+    shared = make_run(tmp_path, "dda_shared", model="diffuser_actor", M=64, options={"level2": "shared"},
+                      step_time=1.3, peak=11 * GIB)
+    naive = make_run(tmp_path, "dda_naive", model="diffuser_actor", M=1, step_time=2.0, peak=9 * GIB)
+    render_report(tmp_path)
+    rows = {r["comparison"]: r for r in read_csv(tmp_path / "table3_ablations.csv")}
+    mm = rows["3DDA, minimal modification (level2=shared) vs minidiffuser (full model (default options)) at B=4, M=64"]
+    assert mm["kind"] == "model" and mm["row_runs"] == "dda_shared" and mm["base_runs"] == "md"
+    assert num(mm["delta_time_pct"]) == pytest.approx(100 * (1.3 / 1.0 - 1))
+    assert num(mm["delta_memory_pct"]) == pytest.approx(100 * (shared["memory"]["peak_memory_bytes"]
+                                                              / md["memory"]["peak_memory_bytes"] - 1))
+    assert (num(mm["paper_delta_memory_pct"]), num(mm["paper_delta_time_pct"])) == (44.0, 18.0)
+    plain = rows["3DDA (level2=replicate) vs minidiffuser (full model (default options)) at B=4, M=1"]
+    assert plain["base_runs"] == "md_m1" and plain["paper_delta_time_pct"] == ""
+    assert num(plain["delta_time_pct"]) == pytest.approx(100 * (naive["timing"]["step_time_median_s"] / 0.9 - 1))
