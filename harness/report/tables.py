@@ -469,8 +469,8 @@ def table3(runs: list[Run], paper: PaperNumbers) -> tuple[Table, Table]:
                 fewest = min(len(b.switches) for b in mds)
                 base = _closest(g, [b for b in mds if len(b.switches) == fewest])
                 name, claim = _other_model_row(g)
-                comparisons.append(("model", g, base, f"{name} vs {METHOD} ({_switch_text(base.switches)}) "
-                                                      f"at B={g.B}, M={g.M}", claim, 1.0))
+                what = f"{name} vs {METHOD} ({_switch_text(base.switches)}) at B={g.B}, M={g.M}"
+                comparisons.append(("model", g, base, what, claim, 1.0))
     rows = []
     involved: list[Run] = []
     for kind, g, base, what, claim_key, sign in sorted(comparisons, key=lambda c: (c[0], c[1].first.id)):
