@@ -122,7 +122,16 @@ class StepRunner:
                  n_batches: int = DEFAULT_DATA_BATCHES, options: dict | None = None):
         self.device = torch.device(device)
         torch.manual_seed(seed)
-        self.policy = build_policy(model, preset=preset, **(options or {})).to(self.device).train()
+        info = None
+        if data is not None:  # the dataset's facts (workspace bounds, text width), as `mdh train` builds with
+            from harness.config import ConfigError, DataConfig, RunConfig
+            from harness.train import dataset_info
+
+            try:
+                info = dataset_info(RunConfig(data=DataConfig(path=str(data), split=split)))
+            except ConfigError as e:
+                raise BenchInputError(str(e)) from None
+        self.policy = build_policy(model, preset=preset, data_info=info, **(options or {})).to(self.device).train()
         spec = self.policy.input_spec  # build_policy guarantees one
         kind = kind_for(spec.modality, kind)
         if data is None:

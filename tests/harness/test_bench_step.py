@@ -173,3 +173,13 @@ def test_configurations_side_by_side_with_per_sample_ratios():
     assert results[2]["time_ratio"] == 1.0  # each configuration's ratios are to its own first M
     table = format_table(results)
     assert "configuration" in table and "sample time / diffuser_actor[loop]" in table
+
+
+def test_runner_builds_the_policy_with_the_datasets_facts(tmp_path, synth):
+    """With --data the policy is built as `mdh train` builds it: 3DDA normalises by the data's workspace."""
+    root = synth.make_dataset(tmp_path / "ds", episodes=2, kinds=("keysteps",)).root
+    runner = StepRunner("diffuser_actor", "tiny", B=2, data=root, n_batches=1)
+    lo, hi = synth.synthetic_meta().workspace_bounds
+    assert runner.policy.bounds_min.tolist() == pytest.approx(lo) and runner.policy.bounds_max.tolist() == \
+        pytest.approx(hi)
+    assert runner.kind == "keysteps" and runner.batches[0]["images"].shape[:2] == (2, 2)
