@@ -300,9 +300,10 @@ def table2(runs: list[Run], paper: PaperNumbers) -> tuple[Table, Table]:
     ]
     if ref:
         notes.append("% of 3DDA: measured rows vs the mean of the measured 3DDA runs "
-                     f"({', '.join(r.id for r in ref)}; time and memory only on the same device kind, time from "
-                     "projected recipe V100-days or, on the same device, projected recipe hours); published rows "
-                     "vs the published 3DDA row.")
+                     f"({', '.join(r.id for r in ref)}; time and memory only on the same device kind; time = "
+                     "median step time x each model's own recipe steps (Mini-Diffuser 95.2k, 3DDA 600k, or "
+                     "train.recipe_steps), V100-normalised across GPUs with a factor, else on the same device "
+                     "only, at each run's own B and M); published rows vs the published 3DDA row.")
     notes += [f"{p.method} (published): {p.note}" for p in paper.table2 if p.note]
     notes.append("Flags: departures from the paper's setting (device, data, points, steps vs recipe) and "
                  "settings where a run differs from most runs of the table (see table2_differences).")
@@ -319,15 +320,26 @@ def _vs_measured_3dda(r: Run, ref: list[Run], success: float | None) -> dict:
                                              _mean(x.overall.get("pct_all") for x in ref)),
            "pct_of_3dda_memory": _ratio_pct(r.peak_memory_bytes, _mean(x.peak_memory_bytes for x in same)),
            "pct_of_3dda_time": None, "ref_3dda_runs": [x.id for x in ref]}
-    mine = r.sub("cost").get("projected_recipe_v100_days") if r.v100_allowed() else None
-    theirs = _mean(x.sub("cost").get("projected_recipe_v100_days") for x in ref if x.v100_allowed())
-    if mine is not None and theirs:
-        out["pct_of_3dda_time"] = _ratio_pct(mine, theirs)
+    # time: each run's median step time x its OWN model's recipe steps (recipe_steps), so runs of different
+    # lengths (a 400-step Mini-Diffuser run beside a 100-step 3DDA cost run) are not compared by run length;
+    # V100-normalised across GPUs with factors, else only on the same device
+    if r.v100_allowed() and any(x.v100_allowed() for x in ref):
+        mine = _recipe_device_hours(r, v100=True)
+        theirs = _mean(_recipe_device_hours(x, v100=True) for x in ref if x.v100_allowed())
     else:
-        same_dev = [x for x in same if x.device_name == r.device_name]
-        out["pct_of_3dda_time"] = _ratio_pct(r.sub("cost").get("projected_recipe_hours"),
-                                             _mean(x.sub("cost").get("projected_recipe_hours") for x in same_dev))
+        mine = _recipe_device_hours(r)
+        theirs = _mean(_recipe_device_hours(x) for x in same if x.device_name == r.device_name)
+    out["pct_of_3dda_time"] = _ratio_pct(mine, theirs)
     return out
+
+
+def _recipe_device_hours(run: Run, v100: bool = False) -> float | None:
+    """Median step time x the run's model recipe steps x devices, in device-hours (V100-hours with ``v100``)."""
+    steps, _ = recipe_steps(run)
+    if run.step_time is None or steps is None:
+        return None
+    hours = run.step_time * steps * (run.sub("device").get("count") or 1) / 3600
+    return hours * run.sub("cost").get("factor") if v100 else hours
 
 
 # --------------------------------------------------------------------------------------------- groups

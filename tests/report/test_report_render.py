@@ -364,3 +364,16 @@ def test_3dda_rows_compare_with_minidiffuser_at_the_same_B_and_M(tmp_path):
     plain = rows["3DDA (level2=replicate) vs minidiffuser (full model (default options)) at B=4, M=1"]
     assert plain["base_runs"] == "md_m1" and plain["paper_delta_time_pct"] == ""
     assert num(plain["delta_time_pct"]) == pytest.approx(100 * (naive["timing"]["step_time_median_s"] / 0.9 - 1))
+
+
+def test_pct_of_3dda_time_uses_each_models_recipe_steps_not_run_length(rendered):
+    """A Mini-Diffuser row's time % of 3DDA = its median step time x 95.2k recipe steps over 3DDA's x 600k
+    (both H100: the V100 factor cancels), whatever steps the runs themselves trained; memory: the peaks."""
+    _, out, _, rec = rendered
+    rows = {r["run"]: r for r in read_csv(out / "table2_efficiency.csv") if r["source"] == "measured"}
+    md, dda = rec["t3/M64-s0"], rec["dda/run"]
+    want = 100 * (md["timing"]["step_time_median_s"] * 95200) / (dda["timing"]["step_time_median_s"] * 600000)
+    assert num(rows["t3/M64-s0"]["pct_of_3dda_time"]) == pytest.approx(want)
+    assert num(rows["t3/M64-s0"]["pct_of_3dda_memory"]) == pytest.approx(
+        100 * md["memory"]["peak_memory_bytes"] / dda["memory"]["peak_memory_bytes"])
+    assert rows["cpu/run"]["pct_of_3dda_time"] == ""  # no 3DDA run on a CPU: no ratio
