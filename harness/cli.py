@@ -6,12 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from harness.data.errors import DataError
-
-NOT_BUILT = {
-    "eval": "closed-loop evaluation",
-}
 
 
 def _add_data(sub) -> None:
@@ -103,11 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
                                  "`mdh train --help` shows the config)", add_help=False)
     _add_report(sub)
     _add_sweep(sub)
-    for name, what in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{what} (not built yet)", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
     _add_bench(sub)
+    _add_eval(sub)
     return parser
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="closed-loop evaluation of a run (Meta-World on CPU); `compare A B`")
+    e.add_argument("target", nargs="+", help="RUN_DIR or RUN_DIR/ckpt/last.pt; or `compare RUN_A RUN_B`")
+    e.add_argument("--env", default="metaworld", choices=["metaworld", "rlbench"])
+    e.add_argument("--tasks", default=None, help="comma-separated tasks (default: the run's data tasks)")
+    e.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
+    e.add_argument("--seed", type=int, default=0, help="offset into the dataset's test seed block (default 0)")
+    e.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
+    e.add_argument("--max-keyposes", type=int, default=10, help="keyposes per episode (default 10)")
+    e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    e.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps (ddpm: all training steps)")
+    e.add_argument("--data", default=None, help="the dataset folder, when the run's data.path is elsewhere here")
+    e.add_argument("--no-oracle", action="store_true", help="skip the oracle (expert keyposes on the same seeds)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_report(sub) -> None:
@@ -232,6 +243,77 @@ def _bench(args) -> int:
     raise AssertionError(args.bench_cmd)
 
 
+def _eval(args) -> int:
+    from harness.evaluate.closed_loop import paired_comparison, read_episodes
+
+    if args.target[0] == "compare":
+        if len(args.target) != 3:
+            print("mdh eval compare: error: usage: mdh eval compare RUN_A RUN_B", file=sys.stderr)
+            return 2
+        sides = []
+        for run in args.target[1:]:
+            path = Path(run) / f"eval_{args.env}" / "episodes.jsonl"
+            if not path.is_file():
+                print(f"mdh eval compare: error: {path} does not exist (run `mdh eval {run}` first)", file=sys.stderr)
+                return 2
+            sides.append([r for r in read_episodes(path) if r.policy != "oracle"])
+        result = paired_comparison(*sides)
+        print(json.dumps(result) if args.json else _format_comparison(result, *args.target[1:]))
+        return 0
+    if len(args.target) != 1:
+        print("mdh eval: error: one run folder or checkpoint (or `compare RUN_A RUN_B`)", file=sys.stderr)
+        return 2
+    if args.env == "rlbench":
+        print("mdh eval: error: --env rlbench is not available in this version: the RLBench evaluator "
+              "(CoppeliaSim, PyRep, the PerAct fork) is not implemented yet; use --env metaworld", file=sys.stderr)
+        return 2
+    if args.episodes < 1 or args.workers < 1 or args.max_keyposes < 1:
+        print("mdh eval: error: --episodes, --workers and --max-keyposes must be >= 1", file=sys.stderr)
+        return 2
+    from harness.config import ConfigError
+    from harness.evaluate.metaworld_eval import MetaWorldEvalConfig
+    from harness.evaluate.run_eval import evaluate
+    from harness.runlock import RunFolderBusy
+
+    cfg = MetaWorldEvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t] or None,
+                              episodes=args.episodes, seed_offset=args.seed, max_keyposes=args.max_keyposes,
+                              sampler=args.sampler, sampler_steps=args.sampler_steps if args.sampler == "ddim" else None)
+    try:
+        summary = evaluate(args.target[0], cfg, data_path=args.data, workers=args.workers, oracle=not args.no_oracle)
+    except (FileNotFoundError, ValueError, ConfigError, RunFolderBusy) as e:
+        print(f"mdh eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary) if args.json else _format_eval(summary))
+    return 0
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _format_eval(s: dict) -> str:
+    lo, hi = s["success_ci"]
+    head = (f"success {_pct(s['success'])} % [{_pct(lo)}, {_pct(hi)}] over {s['episodes']} episodes "
+            f"({s['excluded']} excluded: simulator/infrastructure), oracle {_pct(s.get('oracle_success'))} %")
+    lines = [head, "failures: " + ", ".join(f"{k} {v}" for k, v in s["failures"].items())]
+    for task, t in s["per_task"].items():
+        lines.append(f"  {task:<24} {_pct(t['success'])} % [{_pct(t['success_ci'][0])}, {_pct(t['success_ci'][1])}]"
+                     f" n={t['episodes']}  oracle {_pct((s.get('oracle_per_task') or {}).get(task))} %")
+    lines.append(f"episodes: {s['run']}/eval_{s['env']}/episodes.jsonl")
+    return "\n".join(lines)
+
+
+def _format_comparison(r: dict, a: str, b: str) -> str:
+    def line(name, d):
+        if not d["n"]:
+            return f"  {name:<24} no paired episodes"
+        lo, hi = d["ci"]
+        return (f"  {name:<24} {_pct(d['a'])} - {_pct(d['b'])} = {100 * d['difference']:+.1f} points "
+                f"[{100 * lo:+.1f}, {100 * hi:+.1f}] (paired 95 %, n={d['n']})")
+    return "\n".join([f"A = {a}\nB = {b}", line("overall", r), *(line(t, d) for t, d in r["per_task"].items()),
+                      f"unpaired episodes: {r['unpaired']}"])
+
+
 def _report(args) -> int:
     if args.target[0] == "runs":
         from harness.report.runs import format_runs, load_runs
@@ -275,16 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "sweep":  # overrides after an option come back as extras (argparse does not intermix)
         args.overrides += [e for e in extra if not e.startswith("-")]
         extra = [e for e in extra if e.startswith("-")]
-    if extra and args.cmd not in NOT_BUILT:
+    if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.cmd in NOT_BUILT:
-        print(f"mdh {args.cmd}: not built yet ({NOT_BUILT[args.cmd]} arrive with a later issue)",
-              file=sys.stderr)
-        return 2
     try:
-        return {"data": _data, "bench": _bench, "report": _report, "sweep": _sweep}[args.cmd](args)
+        return {"data": _data, "bench": _bench, "report": _report, "sweep": _sweep, "eval": _eval}[args.cmd](args)
     except DataError as e:
         print(f"mdh {args.cmd}: error: {e}", file=sys.stderr)
         return 1

@@ -18,14 +18,15 @@ def test_help_lists_every_command(capsys):
         assert cmd in out, cmd
 
 
-@pytest.mark.parametrize("cmd", ["eval"])
-def test_unbuilt_commands_say_so_without_a_traceback(capsys, cmd):
-    rc = main([cmd, "--some", "option"])
-    assert rc != 0
-    cap = capsys.readouterr()
-    text = (cap.out + cap.err).strip()
-    assert len(text.splitlines()) == 1 and "not built yet" in text and cmd in text
-    assert "Traceback" not in text
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "no/such/run"], "no record.json"),
+    (["eval", "x", "--env", "rlbench"], "--env rlbench is not available"),
+    (["eval", "compare", "a"], "usage: mdh eval compare RUN_A RUN_B"),
+])
+def test_eval_input_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
 def test_data_inspect_json(capsys, dataset_root):

@@ -47,39 +47,64 @@ def grip_command(open_state: float) -> float:
     return -1.0 if open_state >= 0.5 else 1.0
 
 
+class KeyposeExecutor:
+    """The move-then-actuate executor, one keypose at a time (the oracle replay and closed-loop evaluation
+    drive the hand through this same object, so their successes are comparable).
+
+    ``execute(target, new_open)`` returns "success" (the task reported success), "limit" (the episode's
+    ``max_path_length`` env steps are spent) or "done" (the keypose is executed: reached, or its
+    ``move_steps`` budget spent). ``obs`` is the latest observation, ``steps`` the env steps used,
+    ``reached`` the keyposes the hand got within tolerance of, ``last_reached`` whether the latest did.
+    """
+
+    def __init__(self, env, obs: np.ndarray, config: ServoConfig = ServoConfig(), open_state: float = 1.0):
+        self.env, self.obs, self.config = env, obs, config
+        self.prev_open = float(open_state)
+        self.limit = env.max_path_length
+        self.steps, self.reached, self.success_step = 0, 0, None
+        self.last_reached = False
+
+    def _step(self, target: np.ndarray, open_state: float) -> bool:
+        delta = np.clip(self.config.gain * (target - self.obs[:3]), -1.0, 1.0)
+        self.obs, _, _, _, info = self.env.step(np.append(delta, grip_command(open_state)).astype(np.float32))
+        self.steps += 1
+        if info["success"]:
+            self.success_step = self.steps
+        return bool(info["success"])
+
+    def execute(self, target: np.ndarray, new_open: float) -> str:
+        target = np.asarray(target, dtype=np.float64)
+        cfg = self.config
+        for _ in range(cfg.move_steps):
+            if np.linalg.norm(target - self.obs[:3]) < cfg.tolerance:
+                break
+            if self.steps >= self.limit:
+                return "limit"
+            if self._step(target, self.prev_open):
+                return "success"
+        self.last_reached = bool(np.linalg.norm(target - self.obs[:3]) < cfg.tolerance)
+        self.reached += int(self.last_reached)
+        if new_open != self.prev_open:
+            for _ in range(cfg.grip_steps):
+                if self.steps >= self.limit:
+                    return "limit"
+                if self._step(target, new_open):
+                    return "success"
+        self.prev_open = float(new_open)
+        return "done"
+
+
 def replay_keyposes(env, seed: int, actions: np.ndarray, config: ServoConfig = ServoConfig()) -> ReplayResult:
     """Replay ``actions`` (K, 8) [xyz, quat xyzw, open] from the placement of ``seed``; row 0 is the start
     pose (its open state is the initial gripper command)."""
     actions = np.asarray(actions, dtype=np.float64)
     if actions.ndim != 2 or actions.shape[1] != 8 or len(actions) < 1:
         raise ValueError(f"actions has shape {actions.shape}, expected (K >= 1, 8)")
-    obs = reset_to_seed(env, seed)
-    limit = env.max_path_length
-    steps, reached = 0, 0
-
-    def step(target: np.ndarray, open_state: float):
-        nonlocal obs, steps
-        delta = np.clip(config.gain * (target - obs[:3]), -1.0, 1.0)
-        obs, _, _, _, info = env.step(np.append(delta, grip_command(open_state)).astype(np.float32))
-        steps += 1
-        return bool(info["success"])
-
-    prev_open = actions[0, 7]
+    ex = KeyposeExecutor(env, reset_to_seed(env, seed), config, open_state=actions[0, 7])
     for k in range(1, len(actions)):
-        target, new_open = actions[k, :3], actions[k, 7]
-        for _ in range(config.move_steps):
-            if np.linalg.norm(target - obs[:3]) < config.tolerance:
-                break
-            if steps >= limit:
-                return ReplayResult(False, steps, None, reached)
-            if step(target, prev_open):
-                return ReplayResult(True, steps, steps, reached)
-        reached += int(np.linalg.norm(target - obs[:3]) < config.tolerance)
-        if new_open != prev_open:
-            for _ in range(config.grip_steps):
-                if steps >= limit:
-                    return ReplayResult(False, steps, None, reached)
-                if step(target, new_open):
-                    return ReplayResult(True, steps, steps, reached)
-        prev_open = new_open
-    return ReplayResult(False, steps, None, reached)
+        status = ex.execute(actions[k, :3], actions[k, 7])
+        if status == "success":
+            return ReplayResult(True, ex.steps, ex.steps, ex.reached)
+        if status == "limit":
+            return ReplayResult(False, ex.steps, None, ex.reached)
+    return ReplayResult(False, ex.steps, None, ex.reached)

@@ -1,0 +1,212 @@
+"""``mdh eval``: closed-loop evaluation of a run folder (or its checkpoint), results into the run folder.
+
+Writes ``<run>/eval_<env>/episodes.jsonl`` (one line per episode, the policy's then the oracle's),
+``<run>/eval_<env>/summary.json``, and ``final_metrics.success`` of record.json (under the run's lock), so
+``mdh report`` shows success with its Wilson interval in Table 2/3.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from harness.evaluate.closed_loop import EpisodeResult, summarize, write_episodes
+from harness.evaluate.metaworld_eval import MetaWorldEvalConfig
+
+log = logging.getLogger(__name__)
+INFRA_RETRIES = 1  # a crashed or hung worker's episodes are run once more, then reported as infra_failure
+
+
+def resolve_run(target: str | os.PathLike) -> tuple[Path, Path]:
+    """A run folder or a checkpoint inside one -> (run folder, checkpoint). Clear errors naming the path."""
+    p = Path(target).expanduser()
+    if p.is_file():
+        run_dir = p.parent.parent if p.parent.name == "ckpt" else p.parent
+        ckpt = p
+    else:
+        run_dir, ckpt = p, p / "ckpt" / "last.pt"
+    if not (run_dir / "record.json").is_file():
+        raise FileNotFoundError(f"{target}: no record.json in {run_dir} (pass a run folder or its ckpt/last.pt)")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{target}: no checkpoint {ckpt} (the run has not checkpointed yet)")
+    return run_dir, ckpt
+
+
+def run_config(record: dict, data_path: str | None = None):
+    """The RunConfig a run was trained with (record.json "config"), optionally at another data path."""
+    from harness.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    c = record.get("config") or {}
+    try:
+        cfg = RunConfig(model=ModelConfig(**c["model"]), data=DataConfig(**c["data"]),
+                        train=TrainConfig(**{**c["train"], "betas": tuple(c["train"]["betas"])}),
+                        cluster=ClusterConfig(**c.get("cluster", {})))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"record.json has no usable 'config' ({e})") from None
+    if data_path is not None:
+        cfg.data.path = str(data_path)
+    return cfg
+
+
+def load_policy(run_dir: Path, ckpt: Path, data_path: str | None = None):
+    """(policy in eval mode with the checkpoint's weights, RunConfig, evaluation dataset)."""
+    from harness.checkpoint import load_checkpoint
+    from harness.train import build_datasets, build_run_policy, dataset_info
+
+    record = json.loads((run_dir / "record.json").read_text())
+    cfg = run_config(record, data_path)
+    if not Path(cfg.data.path).expanduser().exists():
+        raise FileNotFoundError(f"data.path {cfg.data.path!r} of {run_dir} does not exist here; pass --data")
+    policy = build_run_policy(cfg, dataset_info(cfg))
+    policy.load_state_dict(load_checkpoint(ckpt)["model"])
+    policy.eval()
+    _, eval_ds, _ = build_datasets(cfg, policy)
+    return policy, cfg, eval_ds
+
+
+def _episodes_worker(run_dir: str, ckpt: str, data_path: str | None, cfg_dict: dict,
+                     jobs: list[tuple[str, int]], with_policy: bool) -> list[dict]:
+    """Evaluate ``jobs`` [(task, seed)] in this process (policy episodes, or the oracle's)."""
+    from harness.data.metaworld.cameras import CAMERAS
+    from harness.data.metaworld.render import KeyframeRenderer
+    from harness.data.metaworld.scene import make_env
+    from harness.evaluate.metaworld_eval import (
+        LiveObservation,
+        generator_settings,
+        make_predictor,
+        oracle_episode,
+        run_episode,
+    )
+
+    torch.set_num_threads(1)  # results must not depend on --workers: one intra-op thread everywhere
+    cfg = MetaWorldEvalConfig(**{**cfg_dict, "servo": _servo(cfg_dict["servo"])})
+    policy, run_cfg, ds = load_policy(Path(run_dir), Path(ckpt), data_path)
+    size = int(ds.meta.image_size[0])
+    settings = generator_settings(ds.meta)
+    threshold = float(settings.get("open_threshold", 0.6))
+    observe = LiveObservation(ds, run_cfg.data.kind, policy.input_spec.n_hist)
+    predict = make_predictor(policy, cfg.sampler, cfg.sampler_steps, torch.device("cpu"))
+    name = Path(run_dir).name
+    out, envs = [], {}
+    try:
+        for task, seed in jobs:
+            if task not in envs:
+                env = make_env(task, max_image_size=size)
+                envs[task] = (env, KeyframeRenderer(env.model, CAMERAS, size))
+            env, renderer = envs[task]
+            if with_policy:
+                res = run_episode(env, lambda e, r=renderer: r.render(e.data), observe.batch, predict, task, seed,
+                                  cfg, threshold, policy_name=name)
+            else:
+                res = oracle_episode(env, task, seed, int(settings.get("stride", 10)), cfg.servo, threshold)
+            out.append(res.to_dict())
+    finally:
+        for env, renderer in envs.values():
+            renderer.close() if hasattr(renderer, "close") else None
+            env.close()
+    return out
+
+
+def _servo(d: dict):
+    from harness.data.metaworld.replay import ServoConfig
+
+    return d if isinstance(d, ServoConfig) else ServoConfig(**d)
+
+
+def _run_jobs(run_dir: Path, ckpt: Path, data_path, cfg: MetaWorldEvalConfig, jobs, with_policy: bool,
+              workers: int, timeout_s: float, worker=None) -> list[EpisodeResult]:
+    """Episodes of ``jobs`` in this process (``workers`` 1) or split over ``workers`` spawned processes;
+    a chunk whose process crashes or exceeds ``timeout_s`` per episode is run again (``INFRA_RETRIES``),
+    then reported as ``infra_failure``. ``worker``: the function a process runs (tests swap it)."""
+    worker = worker or _episodes_worker
+    cfg_dict = asdict(cfg)
+    if workers <= 1:
+        before = torch.get_num_threads()
+        try:
+            rows = worker(str(run_dir), str(ckpt), data_path, cfg_dict, jobs, with_policy)
+        finally:
+            torch.set_num_threads(before)
+        return [EpisodeResult(**r) for r in rows]
+    results: dict[tuple[str, int], EpisodeResult] = {}
+    pending = list(jobs)
+    attempts: dict[tuple[str, int], int] = {}
+    for _ in range(1 + INFRA_RETRIES):
+        if not pending:
+            break
+        for j in pending:
+            attempts[j] = attempts.get(j, 0) + 1
+        chunks = [pending[i::workers] for i in range(workers) if pending[i::workers]]
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds GL contexts and threads
+        failed: list[tuple[str, int]] = []
+        errors: dict[tuple[str, int], str] = {}
+        with cf.ProcessPoolExecutor(len(chunks), mp_context=ctx) as pool:
+            futures = {pool.submit(worker, str(run_dir), str(ckpt), data_path, cfg_dict, c, with_policy): c
+                       for c in chunks}
+            for fut, chunk in futures.items():
+                try:
+                    for r in fut.result(timeout=timeout_s * len(chunk)):
+                        results[(r["task"], r["seed"])] = EpisodeResult(**{**r, "attempts": attempts[(r["task"],
+                                                                                                     r["seed"])]})
+                except (cf.process.BrokenProcessPool, cf.TimeoutError, OSError) as e:
+                    failed += chunk
+                    errors.update({j: f"worker failed: {type(e).__name__}: {e}" for j in chunk})
+            if failed:
+                for proc in getattr(pool, "_processes", {}).values():  # a hung worker must not block the exit
+                    proc.kill()
+        pending = failed
+    for task, seed in pending:
+        results[(task, seed)] = EpisodeResult(task, seed, "infra_failure", error=errors.get((task, seed)),
+                                              attempts=attempts[(task, seed)],
+                                              policy=run_dir.name if with_policy else "oracle")
+    return [results[j] for j in jobs]
+
+
+def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str | None = None,
+             workers: int = 1, oracle: bool = True, write: bool = True, timeout_s: float = 600.0) -> dict:
+    """Closed-loop Meta-World evaluation of a run; returns the summary (see closed_loop.summarize)."""
+    from harness.data.metaworld.replay import ServoConfig
+    from harness.evaluate.metaworld_eval import evaluation_seeds, generator_settings
+    from harness.record import RunRecord
+    from harness.runlock import RunLock
+
+    run_dir, ckpt = resolve_run(target)
+    _, _, ds = load_policy(run_dir, ckpt, data_path)
+    servo = generator_settings(ds.meta).get("servo")
+    if cfg.servo == ServoConfig() and servo:  # the executor the data generator's oracle used
+        cfg = replace(cfg, servo=ServoConfig(**servo))
+    tasks = cfg.tasks or ds.summary()["tasks"]
+    seeds = evaluation_seeds(ds.meta, cfg.episodes, cfg.seed_offset)
+    jobs = [(t, s) for t in tasks for s in seeds]
+    results = _run_jobs(run_dir, ckpt, data_path, cfg, jobs, True, workers, timeout_s)
+    oracle_results = _run_jobs(run_dir, ckpt, data_path, cfg, jobs, False, workers, timeout_s) if oracle else None
+    summary = summarize(results, oracle_results)
+    summary.update(env="metaworld", tasks=tasks, seeds=seeds, run=str(run_dir), checkpoint=str(ckpt),
+                   config={k: v for k, v in asdict(cfg).items() if k != "servo"}, servo=asdict(cfg.servo),
+                   workers=workers)
+    if write:
+        out = run_dir / "eval_metaworld"
+        out.mkdir(exist_ok=True)
+        write_episodes(out / "episodes.jsonl", results + (oracle_results or []))
+        from harness.record import write_text_atomic
+
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+        with RunLock(run_dir):
+            rec = RunRecord(run_dir)
+            data = rec.load() or {}
+            final = dict(data.get("final_metrics") or {})
+            final["success"] = {"success_pct": None if summary["success"] is None else 100 * summary["success"],
+                                "episodes": summary["episodes"], "env": "metaworld",
+                                "ci_pct": [None if v is None else 100 * v for v in summary["success_ci"]],
+                                "oracle_success_pct": None if summary.get("oracle_success") is None
+                                else 100 * summary["oracle_success"],
+                                "failures": summary["failures"], "seeds": seeds, "tasks": tasks}
+            rec.data = data
+            rec.update(final_metrics=final)
+    return summary
