@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-import harness.data.metaworld.scene as scene
 import harness.evaluate.metaworld_eval as mw
+from harness.data.metaworld import scene
 from harness.data.metaworld.replay import ServoConfig
 from harness.evaluate.closed_loop import (
     OUTCOMES,
