@@ -68,7 +68,8 @@ def test_mdh_eval_writes_episodes_summary_and_record(trained, capsys):
     assert success["episodes"] == summary["episodes"] and success["env"] == "metaworld"
     # the report's Table 2 shows it
     assert main(["report", str(run_dir.parent), "--out", str(run_dir.parent / "report")]) == 0
-    rows = list(csv.DictReader(open(run_dir.parent / "report" / "table2_efficiency.csv")))
+    with open(run_dir.parent / "report" / "table2_efficiency.csv") as f:
+        rows = list(csv.DictReader(f))
     row = next(r for r in rows if r["source"] == "measured")
     assert float(row["success_pct"]) == pytest.approx(100 * summary["success"])
     assert int(row["success_episodes"]) == summary["episodes"]
