@@ -232,3 +232,34 @@ def fake_rlbench(monkeypatch) -> types.SimpleNamespace:
         return demo
 
     return types.SimpleNamespace(Observation=obs_cls, Demo=demo_cls, copy_demo=copy_demo)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (restored after): tiny models run faster, and exactly, so."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def generate_metaworld_suite(out: Path, tasks: list[str], episodes: int = 2, image_size: int = 32,
+                             **kwargs) -> Path:
+    """A small embedded Meta-World suite at ``out`` (skips the test when no offscreen GL back end works)."""
+    from harness.data.metaworld import scene
+    from harness.data.metaworld.generate import generate_suite
+
+    try:
+        scene.check_gl()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    generate_suite(out, tasks=tasks, episodes=episodes, image_size=image_size, seed=0, progress=False, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="session")
+def metaworld():
+    """Namespace of the Meta-World helpers above (``metaworld.generate_suite(out, tasks)``)."""
+    return types.SimpleNamespace(generate_suite=generate_metaworld_suite)

@@ -29,12 +29,7 @@ from minidiffuser.points.sampling import farthest_point_sample
 B, M = 2, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -216,17 +211,8 @@ def test_paper_preset_parameter_count():
 
 
 @pytest.fixture(scope="module")
-def metaworld_suite(tmp_path_factory):
-    from harness.data.metaworld import scene
-    from harness.data.metaworld.generate import generate_suite
-
-    try:
-        scene.check_gl()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("mw") / "suite"
-    generate_suite(out, tasks=["reach-v3"], episodes=2, image_size=32, seed=0, progress=False)
-    return out
+def metaworld_suite(tmp_path_factory, metaworld):
+    return metaworld.generate_suite(tmp_path_factory.mktemp("mw") / "suite", ["reach-v3"])
 
 
 LR = 1e-3

@@ -21,17 +21,9 @@ TASKS = ["reach-v3", "push-v3"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from harness.data.metaworld import scene
-    from harness.data.metaworld.generate import generate_suite
-
-    try:
-        scene.check_gl()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+def trained(tmp_path_factory, metaworld):
     root = tmp_path_factory.mktemp("mw_eval")
-    generate_suite(root / "suite", tasks=TASKS, episodes=2, test_episodes=2, image_size=32, seed=0,
-                   progress=False)
+    metaworld.generate_suite(root / "suite", TASKS, test_episodes=2)
     cfg = RunConfig(model=ModelConfig(name="minidiffuser", preset="tiny"),
                     data=DataConfig(name="metaworld", path=str(root / "suite"), workers=0, eval_keysteps=4),
                     train=TrainConfig(B=2, M=4, steps=6, eval_every=6, ckpt_every=6, warmup_steps=1, device="cpu",
