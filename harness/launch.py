@@ -25,6 +25,7 @@ not requeued and its error lands in the run's record.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -58,10 +59,15 @@ class Sweep:
     description: str = ""
     overrides: list[str] = field(default_factory=list)
     cells: list[list[str]] = field(default_factory=list)
+    eval: dict | None = None  # closed-loop evaluation after training (keys: EVAL_KEYS)
 
     def cell_overrides(self, extra: list[str]) -> list[list[str]]:
         """Per cell: the sweep's overrides, then ``extra`` (the command line), then the cell's own."""
         return [[*self.overrides, *extra, *cell] for cell in self.cells]
+
+
+EVAL_KEYS = ("env", "tasks", "episodes", "seed_offset", "max_keyposes", "sampler", "sampler_steps", "workers",
+             "oracle")
 
 
 def find_sweep(name: str) -> Path:
@@ -84,9 +90,13 @@ def load_sweep(name: str) -> Sweep:
         raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping with 'cells'")
-    unknown = sorted(set(doc) - {"description", "overrides", "grid", "cells"})
+    unknown = sorted(set(doc) - {"description", "overrides", "grid", "cells", "eval"})
     if unknown:
-        raise ConfigError(f"sweep file {path}: unknown keys {unknown}; expected description, overrides, grid, cells")
+        raise ConfigError(f"sweep file {path}: unknown keys {unknown}; expected description, overrides, grid, cells, "
+                          "eval")
+    evaluation = doc.get("eval")
+    if evaluation is not None and (not isinstance(evaluation, dict) or set(evaluation) - set(EVAL_KEYS)):
+        raise ConfigError(f"sweep file {path}: eval must map some of {list(EVAL_KEYS)} to values, got {evaluation!r}")
 
     def str_list(value, where: str) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
@@ -102,7 +112,7 @@ def load_sweep(name: str) -> Sweep:
         combos = [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
         cells = [[*cell, *combo] for cell in cells for combo in combos]
     return Sweep(name=path.stem, path=path, description=str(doc.get("description", "")), overrides=overrides,
-                 cells=cells)
+                 cells=cells, eval=evaluation)
 
 
 # --------------------------------------------------------------------------------------------- composition
@@ -330,7 +340,52 @@ def run_sweep(name: str, extra: list[str], out: str | None = None, retry_failed:
     first = planned[0]
     cluster = (first.composed[0].cluster if not any(o.startswith("cluster") for o in first.cell)
                else compose_run([*sweep.overrides, *extra])[0].cluster)
-    return planned, launch(planned, cluster, out_dir, wait=wait)
+    outcomes = launch(planned, cluster, out_dir, wait=wait)
+    if sweep.eval is not None and wait:
+        for run, text in evaluate_done_runs(planned, sweep.eval).items():
+            outcomes[run] = f"{outcomes[run]}; {text}" if run in outcomes else text
+    return planned, outcomes
+
+
+def evaluate_done_runs(planned: list[PlannedRun], options: dict) -> dict[str, str]:
+    """The sweep's eval stage: closed-loop evaluation (``mdh eval``) of every done run whose record has no
+    success for these settings yet; the oracle is evaluated once per data folder and reused. A failed
+    evaluation is logged and reported, never stops the sweep. Returns {run: "success X % (n episodes)"}."""
+    from harness.evaluate.metaworld_eval import MetaWorldEvalConfig
+    from harness.evaluate.run_eval import evaluate
+
+    opts = dict(options)
+    env, workers, oracle = opts.pop("env", "metaworld"), int(opts.pop("workers", 1)), opts.pop("oracle", True)
+    if env != "metaworld":
+        raise ConfigError(f"sweep eval: env {env!r} is not available (only metaworld)")
+    if isinstance(opts.get("tasks"), str):
+        opts["tasks"] = [t for t in opts["tasks"].split(",") if t]
+    cfg = MetaWorldEvalConfig(**opts)
+    oracles: dict[tuple, list] = {}
+    results = {}
+    for p in planned:
+        state, record = run_state(p.run_dir)
+        if state != "done":
+            continue
+        done_before = ((record or {}).get("final_metrics") or {}).get("success") or {}
+        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "servo"}
+        if done_before.get("config") == wanted:
+            continue
+        data = ((record or {}).get("config") or {}).get("data", {})
+        data_key = json.dumps([data.get("path"), data.get("taskvars")])  # same episodes -> same oracle
+        try:
+            summary = evaluate(p.run_dir, cfg, workers=workers, oracle=oracles.get(data_key, oracle) if oracle else False)
+        except Exception as e:  # noqa: BLE001 - one failed evaluation must not stop the others
+            log.error("eval of %s failed: %s", p.run_dir, e)
+            results[p.run_dir.name] = f"eval failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            continue
+        if oracle and data_key not in oracles:
+            from harness.evaluate.closed_loop import EpisodeResult
+
+            oracles[data_key] = [EpisodeResult(**r) for r in summary["oracle_episodes"]]
+        s = summary["success"]
+        results[p.run_dir.name] = f"success {'-' if s is None else f'{100 * s:.1f}'} % ({summary['episodes']} episodes)"
+    return results
 
 
 # --------------------------------------------------------------------------------------------- status

@@ -169,8 +169,12 @@ def _run_jobs(run_dir: Path, ckpt: Path, data_path, cfg: MetaWorldEvalConfig, jo
 
 
 def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str | None = None,
-             workers: int = 1, oracle: bool = True, write: bool = True, timeout_s: float = 600.0) -> dict:
-    """Closed-loop Meta-World evaluation of a run; returns the summary (see closed_loop.summarize)."""
+             workers: int = 1, oracle: bool | list[EpisodeResult] = True, write: bool = True,
+             timeout_s: float = 600.0) -> dict:
+    """Closed-loop Meta-World evaluation of a run; returns the summary (see closed_loop.summarize) with the
+    oracle's episodes under "oracle_episodes". ``oracle``: True (replay the expert on the same seeds),
+    False, or the oracle episodes of an earlier evaluation on the same data, tasks and seeds (a sweep
+    evaluates the oracle once for all its runs)."""
     from harness.data.metaworld.replay import ServoConfig
     from harness.evaluate.metaworld_eval import evaluation_seeds, generator_settings
     from harness.record import RunRecord
@@ -185,7 +189,14 @@ def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str
     seeds = evaluation_seeds(ds.meta, cfg.episodes, cfg.seed_offset)
     jobs = [(t, s) for t in tasks for s in seeds]
     results = _run_jobs(run_dir, ckpt, data_path, cfg, jobs, True, workers, timeout_s)
-    oracle_results = _run_jobs(run_dir, ckpt, data_path, cfg, jobs, False, workers, timeout_s) if oracle else None
+    if isinstance(oracle, list):
+        by_job = {(r.task, r.seed): r for r in oracle}
+        missing = [j for j in jobs if j not in by_job]
+        if missing:
+            raise ValueError(f"the oracle episodes given lack {missing[:3]}; evaluate the oracle on these seeds")
+        oracle_results = [by_job[j] for j in jobs]
+    else:
+        oracle_results = _run_jobs(run_dir, ckpt, data_path, cfg, jobs, False, workers, timeout_s) if oracle else None
     summary = summarize(results, oracle_results)
     summary.update(env="metaworld", tasks=tasks, seeds=seeds, run=str(run_dir), checkpoint=str(ckpt),
                    config={k: v for k, v in asdict(cfg).items() if k != "servo"}, servo=asdict(cfg.servo),
@@ -206,7 +217,9 @@ def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str
                                 "ci_pct": [None if v is None else 100 * v for v in summary["success_ci"]],
                                 "oracle_success_pct": None if summary.get("oracle_success") is None
                                 else 100 * summary["oracle_success"],
-                                "failures": summary["failures"], "seeds": seeds, "tasks": tasks}
+                                "failures": summary["failures"], "seeds": seeds, "tasks": tasks,
+                                "config": summary["config"]}
             rec.data = data
             rec.update(final_metrics=final)
+    summary["oracle_episodes"] = [r.to_dict() for r in oracle_results or []]
     return summary

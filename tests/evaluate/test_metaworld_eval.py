@@ -89,3 +89,40 @@ def test_a_crashed_worker_is_retried_then_an_infra_failure(trained):
                     worker=crashing_worker)
     assert [r.outcome for r in res] == ["infra_failure"] * 3
     assert all(r.attempts == 2 and "worker failed" in r.error for r in res)
+
+
+def test_a_sweep_evaluates_its_done_runs_once_with_one_oracle(trained, tmp_path, monkeypatch):
+    """The sweep's eval stage: every done run gets success in its record, the oracle is evaluated once for
+    the sweep's data, and a second `mdh sweep` re-evaluates nothing."""
+    from harness.evaluate import run_eval
+    from harness.launch import run_sweep
+
+    _, cfg = trained
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        "# test sweep\ndescription: eval stage\n"
+        f"overrides: [model=minidiffuser, model.preset=tiny, data=metaworld, data.path={cfg.data.path}, "
+        "data.workers=0, data.eval_keysteps=2, train.B=2, train.steps=2, train.eval_every=2, train.ckpt_every=2, "
+        "train.warmup_steps=1, train.device=cpu, train.progress=false, train.sampler=ddim, train.sampler_steps=2]\n"
+        "cells: [[train.M=1], [train.M=2]]\n"
+        "eval: {episodes: 1, max_keyposes: 2, sampler_steps: 2, tasks: reach-v3}\n")
+    oracle_jobs = []
+    real = run_eval._run_jobs
+
+    def counting(run_dir, ckpt, data_path, c, jobs, with_policy, *args, **kwargs):
+        if not with_policy:
+            oracle_jobs.append(list(jobs))
+        return real(run_dir, ckpt, data_path, c, jobs, with_policy, *args, **kwargs)
+
+    monkeypatch.setattr(run_eval, "_run_jobs", counting)
+    planned, outcomes = run_sweep(str(sweep), [], out=str(tmp_path / "out"))
+    assert len(oracle_jobs) == 1 and oracle_jobs[0] == [("reach-v3", evaluation_seeds(dataset_info(cfg).meta, 1)[0])]
+    for p in planned:
+        success = json.loads((p.run_dir / "record.json").read_text())["final_metrics"]["success"]
+        assert success["episodes"] == 1 and success["config"]["episodes"] == 1 and success["tasks"] == ["reach-v3"]
+        assert "success" in outcomes[p.run_dir.name]
+        oracle_lines = [e for e in read_episodes(p.run_dir / "eval_metaworld" / "episodes.jsonl")
+                        if e.policy == "oracle"]
+        assert len(oracle_lines) == 1
+    _, again = run_sweep(str(sweep), [], out=str(tmp_path / "out"))
+    assert again == {} and len(oracle_jobs) == 1
