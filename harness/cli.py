@@ -118,6 +118,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps (ddpm: all training steps)")
     e.add_argument("--data", default=None, help="the dataset folder, when the run's data.path is elsewhere here")
     e.add_argument("--no-oracle", action="store_true", help="skip the oracle (expert keyposes on the same seeds)")
+    e.add_argument("--video", type=int, default=0, metavar="K",
+                   help="write the first K episodes per task as GIFs (front camera, predicted keypose marked)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -277,7 +279,8 @@ def _eval(args) -> int:
 
     cfg = MetaWorldEvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t] or None,
                               episodes=args.episodes, seed_offset=args.seed, max_keyposes=args.max_keyposes,
-                              sampler=args.sampler, sampler_steps=args.sampler_steps if args.sampler == "ddim" else None)
+                              sampler=args.sampler, sampler_steps=args.sampler_steps if args.sampler == "ddim" else None,
+                              video=max(0, args.video))
     try:
         summary = evaluate(args.target[0], cfg, data_path=args.data, workers=args.workers, oracle=not args.no_oracle)
     except (FileNotFoundError, ValueError, ConfigError, RunFolderBusy) as e:

@@ -18,6 +18,7 @@ import ast
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ class MetaWorldEvalConfig:
     max_keyposes: int = 10
     sampler: str = "ddim"
     sampler_steps: int | None = 10
+    video: int = 0  # the first `video` episodes of each task are written as GIFs
     servo: ServoConfig = field(default_factory=ServoConfig)
 
 
@@ -103,8 +105,49 @@ def current_pose(env, obs: np.ndarray, threshold: float) -> np.ndarray:
     return np.concatenate([xyz, quat, [is_open(obs, threshold)]])
 
 
+class VideoRecorder:
+    """One camera's RGB after every env step (every ``every``-th), with the current predicted keypose
+    marked by a red cross; ``save(path)`` writes a GIF (imageio)."""
+
+    def __init__(self, renderer, env, camera: int = 0, every: int = 2):
+        from harness.data.metaworld.cameras import camera_to_world
+
+        self.renderer, self.env, self.camera, self.every = renderer, env, camera, every
+        cid = renderer.cam_ids[camera]
+        self.T = camera_to_world(env.data.cam_xpos[cid], env.data.cam_xmat[cid])
+        self.K = renderer.K[camera]
+        self.frames: list[np.ndarray] = []
+        self.target: np.ndarray | None = None
+        self.n = 0
+
+    def capture(self, force: bool = False) -> None:
+        from harness.data.metaworld.cameras import project_to_pixel
+
+        self.n += 1
+        if not force and self.n % self.every:
+            return
+        img = self.renderer.render_rgb(self.env.data, self.camera)
+        if self.target is not None:
+            u, v, z = project_to_pixel(self.target, self.K, self.T)
+            if z > 0:
+                H, W = img.shape[:2]
+                for d in range(-3, 4):
+                    for x, y in ((int(u) + d, int(v)), (int(u), int(v) + d)):
+                        if 0 <= x < W and 0 <= y < H:
+                            img[y, x] = (255, 0, 0)
+        self.frames.append(img)
+
+    def save(self, path: Path) -> Path:
+        import imageio.v3 as iio
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(path, np.stack(self.frames), duration=100, loop=0)
+        return path
+
+
 def run_episode(env, render, observe, predict, task: str, seed: int, cfg: MetaWorldEvalConfig,
-                open_threshold: float = 0.6, policy_name: str = "") -> EpisodeResult:
+                open_threshold: float = 0.6, policy_name: str = "", recorder: VideoRecorder | None = None
+                ) -> EpisodeResult:
     """One closed-loop episode. ``render(env) -> frame``; ``observe(frame, poses, task) -> batch``;
     ``predict(batch, episode_seed, keypose_index) -> (8,)`` world-frame [xyz, quat, open logit]. Errors raised by the
     simulator (reset, step, render) end the episode as ``sim_error``; errors of the policy propagate."""
@@ -121,7 +164,8 @@ def run_episode(env, render, observe, predict, task: str, seed: int, cfg: MetaWo
         obs = reset_to_seed(env, seed)
     except Exception as e:  # noqa: BLE001 - any simulator failure is an outcome, not a crash
         return result("sim_error", 0, f"reset: {type(e).__name__}: {e}")
-    executor = KeyposeExecutor(env, obs, cfg.servo, open_state=current_pose(env, obs, open_threshold)[7])
+    executor = KeyposeExecutor(env, obs, cfg.servo, open_state=current_pose(env, obs, open_threshold)[7],
+                               on_step=recorder.capture if recorder is not None else None)
     poses = [current_pose(env, obs, open_threshold)]
     low, high = np.asarray(env.mocap_low, float), np.asarray(env.mocap_high, float)
     for _ in range(cfg.max_keyposes):
@@ -134,6 +178,9 @@ def run_episode(env, render, observe, predict, task: str, seed: int, cfg: MetaWo
         if action.shape != (8,) or not np.isfinite(action).all():
             return result("policy_failure", executor.steps, f"non-finite or malformed action {action.tolist()}")
         target, new_open = action[:3], 1.0 if action[7] > 0 else 0.0
+        if recorder is not None:
+            recorder.target = target
+            recorder.capture(force=True)
         tol = cfg.servo.tolerance
         if np.any(target < low - tol) or np.any(target > high + tol):
             return result("unreachable", executor.steps,

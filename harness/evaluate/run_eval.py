@@ -79,6 +79,7 @@ def _episodes_worker(run_dir: str, ckpt: str, data_path: str | None, cfg_dict: d
     from harness.data.metaworld.scene import make_env
     from harness.evaluate.metaworld_eval import (
         LiveObservation,
+        VideoRecorder,
         generator_settings,
         make_predictor,
         oracle_episode,
@@ -86,7 +87,8 @@ def _episodes_worker(run_dir: str, ckpt: str, data_path: str | None, cfg_dict: d
     )
 
     torch.set_num_threads(1)  # results must not depend on --workers: one intra-op thread everywhere
-    cfg = MetaWorldEvalConfig(**{**cfg_dict, "servo": _servo(cfg_dict["servo"])})
+    cfg = MetaWorldEvalConfig(**{k: v for k, v in cfg_dict.items() if not k.startswith("_") and k != "servo"},
+                              servo=_servo(cfg_dict["servo"]))
     policy, run_cfg, ds = load_policy(Path(run_dir), Path(ckpt), data_path)
     size = int(ds.meta.image_size[0])
     settings = generator_settings(ds.meta)
@@ -102,8 +104,13 @@ def _episodes_worker(run_dir: str, ckpt: str, data_path: str | None, cfg_dict: d
                 envs[task] = (env, KeyframeRenderer(env.model, CAMERAS, size))
             env, renderer = envs[task]
             if with_policy:
+                recorder = None
+                if cfg.video and cfg_dict["_video_seeds"] and seed in cfg_dict["_video_seeds"][:cfg.video]:
+                    recorder = VideoRecorder(renderer, env)
                 res = run_episode(env, lambda e, r=renderer: r.render(e.data), observe.batch, predict, task, seed,
-                                  cfg, threshold, policy_name=name)
+                                  cfg, threshold, policy_name=name, recorder=recorder)
+                if recorder is not None and recorder.frames:
+                    recorder.save(Path(run_dir) / "eval_metaworld" / "videos" / f"{task}_seed{seed}_{res.outcome}.gif")
             else:
                 res = oracle_episode(env, task, seed, int(settings.get("stride", 10)), cfg.servo, threshold)
             out.append(res.to_dict())
@@ -126,7 +133,8 @@ def _run_jobs(run_dir: Path, ckpt: Path, data_path, cfg: MetaWorldEvalConfig, jo
     a chunk whose process crashes or exceeds ``timeout_s`` per episode is run again (``INFRA_RETRIES``),
     then reported as ``infra_failure``. ``worker``: the function a process runs (tests swap it)."""
     worker = worker or _episodes_worker
-    cfg_dict = asdict(cfg)
+    # the video episodes: the first cfg.video seeds of the evaluation (the same in every worker)
+    cfg_dict = {**asdict(cfg), "_video_seeds": sorted({s for _, s in jobs})}
     if workers <= 1:
         before = torch.get_num_threads()
         try:

@@ -39,7 +39,8 @@ def _strip(rows):
 
 def test_mdh_eval_writes_episodes_summary_and_record(trained, capsys):
     run_dir, cfg = trained
-    rc = main(["eval", str(run_dir), "--episodes", "2", "--sampler-steps", "2", "--max-keyposes", "3", "--json"])
+    rc = main(["eval", str(run_dir), "--episodes", "2", "--sampler-steps", "2", "--max-keyposes", "3", "--video", "1",
+               "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary["tasks"]) == set(TASKS)
@@ -56,6 +57,13 @@ def test_mdh_eval_writes_episodes_summary_and_record(trained, capsys):
     episodes = read_episodes(run_dir / "eval_metaworld" / "episodes.jsonl")
     assert len(episodes) == 8 and {e.policy for e in episodes} == {run_dir.name, "oracle"}
     assert json.loads((run_dir / "eval_metaworld" / "summary.json").read_text())["seeds"] == summary["seeds"]
+    # --video 1: the first episode of each task as a GIF, named with its outcome
+    import imageio.v3 as iio
+
+    gifs = sorted((run_dir / "eval_metaworld" / "videos").glob("*.gif"))
+    first = {e.task: e for e in episodes if e.policy != "oracle" and e.seed == summary["seeds"][0]}
+    assert [g.name for g in gifs] == sorted(f"{t}_seed{e.seed}_{e.outcome}.gif" for t, e in first.items())
+    assert all(iio.imread(g, index=None).shape[1:] == (32, 32, 3) for g in gifs)
     success = json.loads((run_dir / "record.json").read_text())["final_metrics"]["success"]
     assert success["episodes"] == summary["episodes"] and success["env"] == "metaworld"
     # the report's Table 2 shows it

@@ -100,6 +100,14 @@ class KeyframeRenderer:
             pc[i] = depth_to_world(depth[i], self.K[i], T)
         return Frame(rgb=rgb, depth=depth, mask=mask, pc=pc)
 
+    def render_rgb(self, data, index: int = 0) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of camera ``index`` only (videos: one camera per env step)."""
+        r = self._renderer
+        r.update_scene(data, camera=self.cam_ids[index])
+        r.disable_depth_rendering()
+        r.disable_segmentation_rendering()
+        return r.render().copy()
+
     def _seg_to_labels(self, seg: np.ndarray) -> np.ndarray:
         # seg (H, W, 2) int32 [object id, object type]; (-1, -1) where nothing was drawn.
         mj = self._mujoco

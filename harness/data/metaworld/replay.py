@@ -57,8 +57,10 @@ class KeyposeExecutor:
     ``reached`` the keyposes the hand got within tolerance of, ``last_reached`` whether the latest did.
     """
 
-    def __init__(self, env, obs: np.ndarray, config: ServoConfig = ServoConfig(), open_state: float = 1.0):
-        self.env, self.obs, self.config = env, obs, config
+    def __init__(self, env, obs: np.ndarray, config: ServoConfig = ServoConfig(), open_state: float = 1.0,
+                 on_step=None):
+        """``on_step()``: called after every env step (e.g. a video recorder)."""
+        self.env, self.obs, self.config, self.on_step = env, obs, config, on_step
         self.prev_open = float(open_state)
         self.limit = env.max_path_length
         self.steps, self.reached, self.success_step = 0, 0, None
@@ -68,6 +70,8 @@ class KeyposeExecutor:
         delta = np.clip(self.config.gain * (target - self.obs[:3]), -1.0, 1.0)
         self.obs, _, _, _, info = self.env.step(np.append(delta, grip_command(open_state)).astype(np.float32))
         self.steps += 1
+        if self.on_step is not None:
+            self.on_step()
         if info["success"]:
             self.success_step = self.steps
         return bool(info["success"])
