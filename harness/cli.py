@@ -113,10 +113,12 @@ def _add_eval(sub) -> None:
     e.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
     e.add_argument("--seed", type=int, default=0, help="offset into the dataset's test seed block (default 0)")
     e.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
-    e.add_argument("--max-keyposes", type=int, default=10, help="keyposes per episode (default 10)")
+    e.add_argument("--max-keyposes", type=int, default=None,
+                   help="keyposes per episode (default: metaworld 10, rlbench 25 as the official evaluators)")
     e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     e.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps (ddpm: all training steps)")
     e.add_argument("--data", default=None, help="the dataset folder, when the run's data.path is elsewhere here")
+    e.add_argument("--test-data", default=None, help="--env rlbench: the stored test episodes (<task>/variation<V>/...)")
     e.add_argument("--no-oracle", action="store_true", help="skip the oracle (expert keyposes on the same seeds)")
     e.add_argument("--video", type=int, default=0, metavar="K",
                    help="write the first K episodes per task as GIFs (front camera, predicted keypose marked)")
@@ -265,26 +267,43 @@ def _eval(args) -> int:
     if len(args.target) != 1:
         print("mdh eval: error: one run folder or checkpoint (or `compare RUN_A RUN_B`)", file=sys.stderr)
         return 2
-    if args.env == "rlbench":
-        print("mdh eval: error: --env rlbench is not available in this version: the RLBench evaluator "
-              "(CoppeliaSim, PyRep, the PerAct fork) is not implemented yet; use --env metaworld", file=sys.stderr)
-        return 2
-    if args.episodes < 1 or args.workers < 1 or args.max_keyposes < 1:
+    if args.episodes < 1 or args.workers < 1 or (args.max_keyposes is not None and args.max_keyposes < 1):
         print("mdh eval: error: --episodes, --workers and --max-keyposes must be >= 1", file=sys.stderr)
         return 2
+    if args.env == "rlbench":
+        return _eval_rlbench(args)
     from harness.config import ConfigError
     from harness.evaluate.metaworld_eval import MetaWorldEvalConfig
     from harness.evaluate.run_eval import evaluate
     from harness.runlock import RunFolderBusy
 
     cfg = MetaWorldEvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t] or None,
-                              episodes=args.episodes, seed_offset=args.seed, max_keyposes=args.max_keyposes,
+                              episodes=args.episodes, seed_offset=args.seed, max_keyposes=args.max_keyposes or 10,
                               sampler=args.sampler, sampler_steps=args.sampler_steps if args.sampler == "ddim" else None,
                               video=max(0, args.video))
     try:
         summary = evaluate(args.target[0], cfg, data_path=args.data, workers=args.workers, oracle=not args.no_oracle)
     except (FileNotFoundError, ValueError, ConfigError, RunFolderBusy) as e:
         print(f"mdh eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary) if args.json else _format_eval(summary))
+    return 0
+
+
+def _eval_rlbench(args) -> int:
+    from harness.evaluate.rlbench_eval import RLBenchEvalConfig
+    from harness.evaluate.run_eval import evaluate_rlbench
+
+    if not args.test_data or not args.tasks:
+        print("mdh eval: error: --env rlbench needs --test-data (the stored test episodes) and --tasks",
+              file=sys.stderr)
+        return 2
+    cfg = RLBenchEvalConfig(tasks=[t for t in args.tasks.split(",") if t], episodes=args.episodes,
+                            max_keyposes=args.max_keyposes or 25)
+    try:
+        summary = evaluate_rlbench(args.target[0], cfg, args.test_data, data_path=args.data)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"mdh eval: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(json.dumps(summary) if args.json else _format_eval(summary))
     return 0

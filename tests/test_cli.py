@@ -20,7 +20,7 @@ def test_help_lists_every_command(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "no/such/run"], "no record.json"),
-    (["eval", "x", "--env", "rlbench"], "--env rlbench is not available"),
+    (["eval", "x", "--env", "rlbench"], "--env rlbench needs --test-data"),
     (["eval", "compare", "a"], "usage: mdh eval compare RUN_A RUN_B"),
 ])
 def test_eval_input_errors_are_one_line(capsys, argv, message):

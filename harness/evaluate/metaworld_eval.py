@@ -82,16 +82,18 @@ class LiveObservation:
             raise ValueError("LiveObservation needs a dataset with the evaluation transform (train=False)")
         self.ds, self.kind, self.n_hist = dataset, kind, n_hist
 
-    def batch(self, frame, poses: list[np.ndarray], task: str) -> dict:
+    def batch(self, frame, poses: list[np.ndarray], task: str, variation: int = 0) -> dict:
         hist = [np.asarray(p, np.float32) for p in poses[-self.n_hist:]]
         actions = np.stack([*hist, hist[-1]])  # the target slot is never read at evaluation
         T = len(actions)
-        rep = (lambda a: np.repeat(a[None], T, axis=0))
-        value = keysteps_value(rep(frame.rgb), rep(frame.pc), actions, list(range(T)), depth=rep(frame.depth),
-                               mask=rep(frame.mask))
+        def rep(a):
+            return None if a is None else np.repeat(np.asarray(a)[None], T, axis=0)
+
+        value = keysteps_value(rep(frame.rgb), rep(frame.pc), actions, list(range(T)),
+                               depth=rep(getattr(frame, "depth", None)), mask=rep(getattr(frame, "mask", None)))
         if self.kind == "voxel1cm":
             value = keysteps_to_voxel_value(value, self.ds.meta)
-        taskvar = f"{task}+0"
+        taskvar = f"{task}+{variation}"
         episode = episode_from_value(value, taskvar, "live")
         text, tokens = self.ds._instruction_for(taskvar, None)
         ks = episode.keystep(T - 2, n_hist=self.n_hist, instruction=text, text_tokens=tokens)

@@ -231,3 +231,61 @@ def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str
             rec.update(final_metrics=final)
     summary["oracle_episodes"] = [r.to_dict() for r in oracle_results or []]
     return summary
+
+
+def evaluate_rlbench(target: str | os.PathLike, cfg, test_root: str, data_path: str | None = None) -> dict:
+    """Closed-loop RLBench evaluation of a run on the stored test episodes under ``test_root``
+    (``<task>/variation<V>/episodes/episode<k>``): at most ``cfg.episodes`` per task, variations in order.
+    Needs the optional extra (harness/evaluate/rlbench_eval.py); writes eval_rlbench/{episodes.jsonl,
+    results.jsonl, summary.json} and the record's final_metrics.success."""
+    from harness.evaluate.metaworld_eval import LiveObservation, make_predictor
+    from harness.evaluate.rlbench_eval import launch_environment, planning_errors, run_episode, write_results
+    from harness.record import RunRecord, write_text_atomic
+    from harness.runlock import RunLock
+
+    run_dir, ckpt = resolve_run(target)
+    policy, run_cfg, ds = load_policy(run_dir, ckpt, data_path)
+    env = launch_environment(test_root, cfg)  # raises with the install hint when RLBench is missing
+    from rlbench.backend.utils import task_file_to_task_class
+
+    observe = LiveObservation(ds, run_cfg.data.kind, policy.input_spec.n_hist)
+    predict = make_predictor(policy, "ddpm", None, torch.device("cpu"))
+    results, variations = [], {}
+    try:
+        for name in cfg.tasks:
+            task = env.get_task(task_file_to_task_class(name))
+            folders = sorted(Path(test_root, name).glob("variation*"), key=lambda p: int(p.name[9:]))
+            done = 0
+            for folder in folders:
+                var = int(folder.name[len("variation"):])
+                for ep in sorted((folder / "episodes").glob("episode*"), key=lambda p: int(p.name[7:])):
+                    if done >= cfg.episodes:
+                        break
+                    demo = env.get_demos(name, amount=1, variation_number=var, from_episode_number=int(ep.name[7:]),
+                                         random_selection=False, image_paths=True)[0]
+                    variations.setdefault((name, var), []).append(len(results))
+                    results.append(run_episode(task, demo, var,
+                                               lambda f, poses, t, v=var: observe.batch(f, poses, t, v),
+                                               predict, name, done, cfg, planning_errors(), run_dir.name))
+                    done += 1
+    finally:
+        env.shutdown()
+    summary = summarize(results)
+    summary.update(env="rlbench", tasks=list(cfg.tasks), run=str(run_dir), checkpoint=str(ckpt))
+    out = run_dir / "eval_rlbench"
+    out.mkdir(exist_ok=True)
+    write_episodes(out / "episodes.jsonl", results)
+    summary["demo_weighted_per_task"] = write_results(out / "results.jsonl", str(ckpt), results, variations)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    with RunLock(run_dir):
+        rec = RunRecord(run_dir)
+        data = rec.load() or {}
+        final = dict(data.get("final_metrics") or {})
+        final["success"] = {"success_pct": None if summary["success"] is None else 100 * summary["success"],
+                            "episodes": summary["episodes"], "env": "rlbench", "failures": summary["failures"],
+                            "ci_pct": [None if v is None else 100 * v for v in summary["success_ci"]],
+                            "tasks": list(cfg.tasks)}
+        rec.data = data
+        rec.update(final_metrics=final)
+    return summary
+

@@ -134,3 +134,15 @@ def test_a_sweep_evaluates_its_done_runs_once_with_one_oracle(trained, tmp_path,
         assert len(oracle_lines) == 1
     _, again = run_sweep(str(sweep), [], out=str(tmp_path / "out"))
     assert again == {} and len(oracle_jobs) == 1
+
+
+def test_rlbench_without_the_simulator_says_what_to_install(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    try:
+        import rlbench  # noqa: F401
+        pytest.skip("RLBench is installed here: the real test (marker rlbench) covers it")
+    except ImportError:
+        pass
+    rc = main(["eval", str(run_dir), "--env", "rlbench", "--test-data", str(tmp_path), "--tasks", "close_jar"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "CoppeliaSim 4.1.0, PyRep and the PerAct fork" in err
