@@ -99,7 +99,7 @@ def test_a_crashed_worker_is_retried_then_an_infra_failure(trained):
     assert all(r.attempts == 2 and "worker failed" in r.error for r in res)
 
 
-def test_a_sweep_evaluates_its_done_runs_once_with_one_oracle(trained, tmp_path, monkeypatch):
+def test_a_sweep_evaluates_its_done_runs_once_with_one_oracle(trained, tmp_path, monkeypatch, capsys):
     """The sweep's eval stage: every done run gets success in its record, the oracle is evaluated once for
     the sweep's data, and a second `mdh sweep` re-evaluates nothing."""
     from harness.evaluate import run_eval
@@ -134,6 +134,11 @@ def test_a_sweep_evaluates_its_done_runs_once_with_one_oracle(trained, tmp_path,
         assert len(oracle_lines) == 1
     _, again = run_sweep(str(sweep), [], out=str(tmp_path / "out"))
     assert again == {} and len(oracle_jobs) == 1
+    # the two runs met the same episode: `mdh eval compare` pairs it
+    a, b = (str(p.run_dir) for p in planned)
+    assert main(["eval", "compare", a, b, "--json"]) == 0
+    paired = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert paired["n"] == 1 and paired["unpaired"] == 0 and set(paired["per_task"]) == {"reach-v3"}
 
 
 def test_rlbench_without_the_simulator_says_what_to_install(trained, tmp_path, capsys):
