@@ -116,7 +116,7 @@ def _episodes_worker(run_dir: str, ckpt: str, data_path: str | None, cfg_dict: d
             out.append(res.to_dict())
     finally:
         for env, renderer in envs.values():
-            renderer.close() if hasattr(renderer, "close") else None
+            renderer.close()
             env.close()
     return out
 
