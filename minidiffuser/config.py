@@ -20,8 +20,9 @@ class MiniDiffuserConfig:
     (3x3x3 kernel feature looked up at each query's voxel at every level), ``head``: "decoupled"
     (position diffused; rotation bins + gripper from a classification head) or "joint" (position + 6D
     rotation diffused together, 3DDA-style; gripper from the head).
-    ``official_quirks``: reproduce the released code's three bugs (text tiling, voxel index reuse, RoPE on
-    queries only) for comparison with it; the default is the fixed model.
+    ``official_quirks``: reproduce the released code's behaviours for comparison with it (text tiling,
+    voxel index computed once and truncated toward zero, RoPE on queries only and applied before the q
+    LayerNorm); the default is the fixed model.
     """
 
     preset: str = "small"

@@ -99,11 +99,14 @@ class GroupedAttention(nn.Module):
 
     ``key_mask`` (B, Lk) bool, True = a real key. q and k get a per-head LayerNorm (qk-norm). With ``rope``
     given, q and k are rotated by ``q_xyz`` (B, Lq, 3) / ``k_xyz`` (B, Lk, 3) (``rope_keys=False``
-    rotates q only: the official code's bug). A group with no valid key returns zeros.
+    rotates q only: the official code's bug). ``rope_before_norm``: rotate q BEFORE its LayerNorm, as the
+    official ``QuerySupportAttention.forward`` does (not equivalent: LayerNorm does not commute with the
+    rotation); the default normalises first. A group with no valid key returns zeros.
     """
 
     def __init__(self, q_dim: int, kv_dim: int, heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rope: RotaryPositionEncoding3D | None = None, rope_keys: bool = True):
+                 rope: RotaryPositionEncoding3D | None = None, rope_keys: bool = True,
+                 rope_before_norm: bool = False):
         super().__init__()
         if q_dim % heads:
             raise ValueError(f"{q_dim} channels not divisible by {heads} heads")
@@ -114,19 +117,23 @@ class GroupedAttention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(q_dim, q_dim)
         self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
-        self.rope, self.rope_keys = rope, rope_keys
+        self.rope, self.rope_keys, self.rope_before_norm = rope, rope_keys, rope_before_norm
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor,
                 q_xyz: torch.Tensor | None = None, k_xyz: torch.Tensor | None = None) -> torch.Tensor:
         B, Lq, C = x.shape
         Lk = kv.shape[1]
-        q = self.q_norm(self.q(x).view(B, Lq, self.heads, self.head_dim).transpose(1, 2))
+        q = self.q(x).view(B, Lq, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(kv).view(B, Lk, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k = self.k_norm(k)
-        if self.rope is not None:
-            q = self.rope.rotate(q, q_xyz)
-            if self.rope_keys:
-                k = self.rope.rotate(k, k_xyz)
+        if self.rope is not None and self.rope_before_norm:
+            q = self.q_norm(self.rope.rotate(q, q_xyz))
+        else:
+            q = self.q_norm(q)
+            if self.rope is not None:
+                q = self.rope.rotate(q, q_xyz)
+        if self.rope is not None and self.rope_keys:
+            k = self.rope.rotate(k, k_xyz)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
                                              dropout_p=self.attn_drop if self.training else 0.0)
         out = out * key_mask.any(dim=1).to(out.dtype)[:, None, None, None]  # empty groups -> 0, never NaN

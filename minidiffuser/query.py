@@ -62,12 +62,13 @@ class NeckBlock(nn.Module):
     """q <- q + Attn(FiLM1(q), level points); q <- q + MLP(FiLM2(q))."""
 
     def __init__(self, dim: int, kv_dim: int, heads: int, context_dim: int, mlp_ratio: int, attn_drop: float,
-                 proj_drop: float, rope: bool, rope_keys: bool):
+                 proj_drop: float, rope: bool, rope_keys: bool, rope_before_norm: bool = False):
         super().__init__()
         self.norm1 = FiLMNorm(dim, context_dim)
         self.norm2 = FiLMNorm(dim, context_dim)
         rope_mod = RotaryPositionEncoding3D(dim // heads) if rope else None
-        self.attn = GroupedAttention(dim, kv_dim, heads, attn_drop, proj_drop, rope=rope_mod, rope_keys=rope_keys)
+        self.attn = GroupedAttention(dim, kv_dim, heads, attn_drop, proj_drop, rope=rope_mod, rope_keys=rope_keys,
+                                     rope_before_norm=rope_before_norm)
         self.mlp = Mlp(dim, dim * mlp_ratio, drop=proj_drop)
 
     def forward(self, q: torch.Tensor, context: torch.Tensor, level: QueryLevel, q_xyz: torch.Tensor):
@@ -75,9 +76,13 @@ class NeckBlock(nn.Module):
         return q + self.mlp(self.norm2(q, context))
 
 
-def voxel_of(xyz: torch.Tensor, origin: torch.Tensor, grid_size: float) -> torch.Tensor:
-    """(B, M, 3) positions -> (B, M, 3) long voxel indices of a grid anchored at ``origin`` (B, 3)."""
-    return torch.floor((xyz - origin[:, None, :]) / grid_size).long()
+def voxel_of(xyz: torch.Tensor, origin: torch.Tensor, grid_size: float, truncate: bool = False) -> torch.Tensor:
+    """(B, M, 3) positions -> (B, M, 3) long voxel indices of a grid anchored at ``origin`` (B, 3).
+
+    ``truncate``: round toward zero as the official code's integer cast does, so a point less than one
+    voxel below the origin reads voxel 0 (the default floors it to -1, outside the grid)."""
+    rel = (xyz - origin[:, None, :]) / grid_size
+    return (torch.trunc(rel) if truncate else torch.floor(rel)).long()
 
 
 class QueryStream(nn.Module):
@@ -91,7 +96,8 @@ class QueryStream(nn.Module):
         self.anchor_proj = nn.Sequential(nn.Linear(cfg.action_dim, 12), nn.GELU(), nn.Linear(12, d))
         self.necks = nn.ModuleList(
             NeckBlock(d, c, cfg.query_heads, ctx, cfg.mlp_ratio, cfg.attn_drop, cfg.proj_drop, cfg.rope3d,
-                      rope_keys=not cfg.official_quirks) for c in level_channels)
+                      rope_keys=not cfg.official_quirks, rope_before_norm=cfg.official_quirks)
+            for c in level_channels)
         self.denoise_mlp = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.02), nn.Dropout(cfg.head_dropout),
                                          nn.Linear(d, cfg.action_dim))
 
@@ -121,8 +127,8 @@ class QueryStream(nn.Module):
             if self.local_query:
                 if self.quirks:
                     # official bug: the voxel index is computed once at the coarsest level and re-used
-                    if quirk_voxels is None:
-                        quirk_voxels = voxel_of(xyz, level.origin, level.grid_size)
+                    if quirk_voxels is None:  # ... and truncated toward zero, not floored
+                        quirk_voxels = voxel_of(xyz, level.origin, level.grid_size, truncate=True)
                     vox = quirk_voxels
                 else:
                     vox = voxel_of(xyz, level.origin, level.grid_size)
