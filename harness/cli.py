@@ -1,4 +1,4 @@
-"""The ``mdh`` command: ``mdh data|train|sweep|report|bench|eval ...``. ``mdh --help`` lists them."""
+"""The ``mdh`` command: ``mdh data|train|sweep|report|bench|eval|checkpoint ...``. ``mdh --help`` lists them."""
 
 from __future__ import annotations
 
@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_bench(sub)
     _add_eval(sub)
+    c = sub.add_parser("checkpoint", help="checkpoint tools: `import-official CKPT OUT_RUN_DIR`")
+    c.add_argument("action", choices=["import-official"])
+    c.add_argument("ckpt", help="a released Mini-Diffuser checkpoint (torch state dict, possibly nested)")
+    c.add_argument("out", help="the run folder to write (must not exist)")
+    c.add_argument("--data", default=None, help="data.path recorded for the run (used by mdh eval)")
     return parser
 
 
@@ -247,6 +252,21 @@ def _bench(args) -> int:
     raise AssertionError(args.bench_cmd)
 
 
+def _checkpoint(args) -> int:
+    # the official checkpoint is Mini-Diffuser's own format: this command imports the model package lazily
+    from minidiffuser.official_import import import_official_checkpoint
+
+    try:
+        source = import_official_checkpoint(args.ckpt, args.out, args.data)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"mdh checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (Mini-Diffuser paper, official_quirks=true) from {source['path']} "
+          f"(sha256 {source['sha256'][:12]}); evaluate: mdh eval {args.out}; fine-tune: mdh train ... "
+          f"train.init_weights={args.out}")
+    return 0
+
+
 def _eval(args) -> int:
     from harness.evaluate.closed_loop import paired_comparison, read_episodes
 
@@ -384,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"data": _data, "bench": _bench, "report": _report, "sweep": _sweep, "eval": _eval}[args.cmd](args)
+        return {"data": _data, "bench": _bench, "report": _report, "sweep": _sweep, "eval": _eval,
+                "checkpoint": _checkpoint}[args.cmd](args)
     except DataError as e:
         print(f"mdh {args.cmd}: error: {e}", file=sys.stderr)
         return 1

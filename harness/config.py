@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "auto"
     recipe_steps: int | None = None
     progress: bool = True
+    init_weights: str | None = None  # a checkpoint (or run folder) whose model weights start a NEW run
 
 
 @dataclass

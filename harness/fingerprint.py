@@ -50,6 +50,10 @@ def _canonical(value):
     return str(value)
 
 
+# Settings added after runs existed: left out while unset, so every earlier run keeps its fingerprint
+ADDED_OPTIONAL_KEYS = frozenset({"train.init_weights"})
+
+
 def semantic_config(config) -> dict:
     """A run configuration (``RunConfig`` dataclass, or its nested-dict form as Hydra resolves it) ->
     flat ``{"train.B": 8.0, "model.options.rope3d": False, ...}`` of the keys that change the result."""
@@ -61,7 +65,7 @@ def semantic_config(config) -> dict:
     _flatten(config, "", flat)
     return {k: _canonical(v) for k, v in sorted(flat.items())
             if k not in NON_SEMANTIC_KEYS and k.split(".")[0] not in NON_SEMANTIC_GROUPS
-            and not (k.startswith("model.options.") and v is None)}
+            and not ((k.startswith("model.options.") or k in ADDED_OPTIONAL_KEYS) and v is None)}
 
 
 def record_semantic_config(record: Mapping | None) -> dict | None:

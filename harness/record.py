@@ -91,6 +91,7 @@ class RecordSchema:
     memory: dict | None = None
     cost: dict | None = None
     final_metrics: dict | None = None
+    weights_source: dict | None = None  # where the initial weights came from (train.init_weights, an import)
 
 
 RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RecordSchema))

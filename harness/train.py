@@ -477,6 +477,32 @@ def _rng_state_to_save(device: torch.device, dist: Distributed) -> dict:
     return state
 
 
+def load_initial_weights(policy, source: str) -> dict:
+    """``train.init_weights``: the model weights of a checkpoint file (or of a run folder's ckpt/last.pt) into
+    ``policy`` before step 0 of a new run (fine-tuning, e.g. from an imported official checkpoint); strict:
+    a checkpoint of another architecture or preset is refused naming the keys. Returns the provenance."""
+    import hashlib
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "ckpt" / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"train.init_weights={source!r}: no checkpoint file {path}")
+    state = load_checkpoint(path)
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise ConfigError(f"train.init_weights={source!r}: {path} has no 'model' state dict")
+    try:
+        policy.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"train.init_weights={source!r}: the weights in {path} do not fit this model: "
+                          f"{str(e).splitlines()[0]}") from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    log.info("initial weights from %s (sha256 %s)", path, digest[:12])
+    return {"path": str(path.resolve()), "sha256": digest, "step": state.get("step"),
+            "imported_from": state.get("imported_from")}
+
+
 def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_path: Path, device,
            fp: str, semantic: dict, identity: dict, last_good: dict, dist: Distributed | None = None) -> dict:
     t = cfg.train
@@ -486,6 +512,8 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
     timer = StepTimer(warmup_steps=min(5, max(0, t.steps - 1)), device=device)
     step, step_rows, metric_rows, wall_before = 0, [], [], 0.0
     seed_everything(t.seed + 1)  # training draws (Level-2 noise, dropout) independent of how the model was built
+    if not ckpt_path.exists() and t.init_weights:
+        record.update(weights_source=load_initial_weights(policy, t.init_weights))
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         refuse_other_configuration(record.dir, state.get("semantic_config"), semantic, str(ckpt_path))
