@@ -20,9 +20,10 @@ class MiniDiffuserConfig:
     (3x3x3 kernel feature looked up at each query's voxel at every level), ``head``: "decoupled"
     (position diffused; rotation bins + gripper from a classification head) or "joint" (position + 6D
     rotation diffused together, 3DDA-style; gripper from the head).
-    ``official_quirks``: reproduce the released code's behaviours for comparison with it (text tiling,
-    voxel index computed once and truncated toward zero, RoPE on queries only and applied before the q
-    LayerNorm); the default is the fixed model.
+    ``official_quirks``: reproduce the released code's behaviours for comparison with it (text tiling; the
+    local-query voxel index computed once at the bottleneck from the batch-wide pooled minimum and
+    truncated toward zero; RoPE on queries only, applied before the q LayerNorm; decoder CPEs that see the
+    skip branch only; patches padded with re-used points); the default is the fixed model (README table).
     """
 
     preset: str = "small"

@@ -85,6 +85,15 @@ def voxel_of(xyz: torch.Tensor, origin: torch.Tensor, grid_size: float, truncate
     return (torch.trunc(rel) if truncate else torch.floor(rel)).long()
 
 
+def official_anchor_origin(level) -> torch.Tensor:
+    """The released code's origin of the anchors' voxel index (official_quirks): the minimum, over the WHOLE
+    batch, of the bottleneck level's mean-pooled point coordinates, for every observation (B, 3). The
+    level's own grid is anchored at each observation's minimum raw coordinate, so the two can be a voxel
+    apart, and one observation's anchors depend on the other observations' clouds."""
+    coord = level.coord.masked_fill(~level.mask[..., None], float("inf"))
+    return coord.flatten(0, 1).min(0).values.expand(coord.shape[0], 3)
+
+
 class QueryStream(nn.Module):
     """Denoiser of the M samples: ``forward(x_t (B, M, D), t (B, M), condition) -> eps_hat (B, M, D)``."""
 
@@ -127,8 +136,8 @@ class QueryStream(nn.Module):
             if self.local_query:
                 if self.quirks:
                     # official bug: the voxel index is computed once at the coarsest level and re-used
-                    if quirk_voxels is None:  # ... and truncated toward zero, not floored
-                        quirk_voxels = voxel_of(xyz, level.origin, level.grid_size, truncate=True)
+                    if quirk_voxels is None:  # ... from the batch-wide pooled minimum, truncated toward zero
+                        quirk_voxels = voxel_of(xyz, official_anchor_origin(level), level.grid_size, truncate=True)
                     vox = quirk_voxels
                 else:
                     vox = voxel_of(xyz, level.origin, level.grid_size)

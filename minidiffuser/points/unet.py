@@ -45,6 +45,9 @@ class PointLevel:
     inverse: torch.Tensor | None = None
     parent: torch.Tensor | None = None
     _nmaps: dict | None = None
+    # official_quirks: the features the next CPE convolves when they differ from ``feat`` (Pointcept's
+    # SerializedUnpooling refreshes point.feat but not the sparse tensor the CPE reads: the skip branch)
+    cpe_feat: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -132,11 +135,34 @@ class Embedding(nn.Module):
         return level.with_feat(self.norm(self.conv(level.feat, level.neighbor_map(self.kernel_size))))
 
 
-class SerializedAttention(nn.Module):
-    """Self-attention inside patches of ``patch_size`` consecutive points along the level's curve."""
+def reuse_padding(counts: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released code's (Pointcept PTv3) patch padding, for ``official_quirks``: each observation with
+    more than K points is padded to a multiple of K by re-using the points one patch earlier, and nothing
+    is masked (the copies are attended to twice). Returns (gather index into the observation-sorted
+    points, length total; position of every real point in the padded layout)."""
+    idx, pos = [], []
+    start = pad_start = 0
+    for n in counts.tolist():
+        p = n if n <= K else -(-n // K) * K
+        j = torch.arange(p)
+        idx.append(start + torch.where(j < n, j, j - K))
+        pos.append(pad_start + torch.arange(n))
+        start, pad_start = start + n, pad_start + p
+    return torch.cat(idx).to(counts.device), torch.cat(pos).to(counts.device)
 
-    def __init__(self, channels: int, heads: int, patch_size: int, attn_drop: float, proj_drop: float):
+
+class SerializedAttention(nn.Module):
+    """Self-attention inside patches of ``patch_size`` consecutive points along the level's curve.
+
+    Padding: the last, partial patch of an observation is filled with masked slots. ``reuse_padding``
+    (official_quirks) reproduces the released non-flash path instead: the patch size is
+    min(patch_size, the smallest observation's point count) and partial patches are filled with points
+    re-used from the previous patch, unmasked (``reuse_padding``)."""
+
+    def __init__(self, channels: int, heads: int, patch_size: int, attn_drop: float, proj_drop: float,
+                 official_padding: bool = False):
         super().__init__()
+        self.official_padding = official_padding
         self.heads, self.head_dim, self.patch_size = heads, channels // heads, patch_size
         self.qkv = nn.Linear(channels, 3 * channels)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
@@ -147,6 +173,8 @@ class SerializedAttention(nn.Module):
     def forward(self, x: torch.Tensor, level: PointLevel) -> torch.Tensor:
         N, C = x.shape
         K = self.patch_size
+        if self.official_padding:
+            return self._official(x, level)
         order = level.order
         b_sorted = level.batch[order]
         starts = torch.cumsum(level.counts, 0) - level.counts
@@ -166,22 +194,35 @@ class SerializedAttention(nn.Module):
         out = out.transpose(1, 2).reshape(total, C)[pos][level.inverse]
         return self.proj_drop(self.proj(out))
 
+    def _official(self, x: torch.Tensor, level: PointLevel) -> torch.Tensor:
+        C = x.shape[1]
+        K = min(self.patch_size, int(level.counts.min()))
+        # serialized order groups the points by observation (batch index in the curve code's high bits)
+        idx, pos = reuse_padding(level.counts, K)
+        qkv = self.qkv(x)[level.order][idx]
+        q, k, v = qkv.view(-1, K, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(-1, C)[pos][level.inverse]
+        return self.proj_drop(self.proj(out))
+
 
 class Block(nn.Module):
     """Pre-norm PTv3 block: x += CPE(x); x += Attn(LN(x)); x += MLP(LN(x)). CPE = subm conv k3 -> Linear -> LN."""
 
     def __init__(self, channels: int, heads: int, patch_size: int, mlp_ratio: int, attn_drop: float,
-                 proj_drop: float):
+                 proj_drop: float, official_padding: bool = False):
         super().__init__()
         self.cpe_conv = SubMConv3d(channels, channels, 3, bias=True)
         self.cpe = nn.Sequential(nn.Linear(channels, channels), nn.LayerNorm(channels))
         self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
-        self.attn = SerializedAttention(channels, heads, patch_size, attn_drop, proj_drop)
+        self.attn = SerializedAttention(channels, heads, patch_size, attn_drop, proj_drop, official_padding)
         self.mlp = Mlp(channels, channels * mlp_ratio, drop=proj_drop)
 
     def forward(self, level: PointLevel) -> PointLevel:
         x = level.feat
-        x = x + self.cpe(self.cpe_conv(x, level.neighbor_map(3)))
+        conv_in = x if level.cpe_feat is None else level.cpe_feat
+        x = x + self.cpe(self.cpe_conv(conv_in, level.neighbor_map(3)))
         x = x + self.attn(self.norm1(x), level)
         x = x + self.mlp(self.norm2(x))
         return level.with_feat(x)
@@ -226,15 +267,22 @@ class SerializedPooling(nn.Module):
 
 
 class SerializedUnpooling(nn.Module):
-    """feat = BN-GELU(Linear(skip)) + BN-GELU(Linear(coarse))[parent]."""
+    """feat = BN-GELU(Linear(skip)) + BN-GELU(Linear(coarse))[parent]. ``stale_cpe`` (official_quirks): the
+    next block's CPE convolves the skip branch alone, as in the released code (Pointcept's PTv3 unpooling
+    adds the coarse features to ``point.feat`` without refreshing the sparse tensor its CPE reads)."""
 
-    def __init__(self, coarse_channels: int, skip_channels: int, out_channels: int):
+    def __init__(self, coarse_channels: int, skip_channels: int, out_channels: int, stale_cpe: bool = False):
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(coarse_channels, out_channels), BNAct(out_channels))
         self.proj_skip = nn.Sequential(nn.Linear(skip_channels, out_channels), BNAct(out_channels))
+        self.stale_cpe = stale_cpe
 
     def forward(self, coarse: PointLevel, skip: PointLevel) -> PointLevel:
-        return skip.with_feat(self.proj_skip(skip.feat) + self.proj(coarse.feat)[coarse.parent])
+        skip_feat = self.proj_skip(skip.feat)
+        level = skip.with_feat(skip_feat + self.proj(coarse.feat)[coarse.parent])
+        if self.stale_cpe:
+            level.cpe_feat = skip_feat
+        return level
 
 
 class ConvBlock(nn.Module):
@@ -261,15 +309,17 @@ class PointUNet(nn.Module):
         super().__init__()
         enc, dec = cfg.enc_channels, cfg.dec_channels
         kw = {"mlp_ratio": cfg.mlp_ratio, "attn_drop": cfg.attn_drop, "proj_drop": cfg.proj_drop}
+        block_kw = {**kw, "official_padding": cfg.official_quirks}
         self.orders, self.shuffle = tuple(cfg.serialization_orders), cfg.shuffle_orders
         self.embedding = Embedding(cfg.in_channels, enc[0], cfg.stem_kernel)
         self.pools = nn.ModuleList(SerializedPooling(enc[s - 1], enc[s]) for s in range(1, len(enc)))
-        self.enc_blocks = nn.ModuleList(Block(c, h, cfg.patch_size, **kw) for c, h in zip(enc, cfg.enc_heads))
+        self.enc_blocks = nn.ModuleList(Block(c, h, cfg.patch_size, **block_kw) for c, h in zip(enc, cfg.enc_heads))
         self.enc_cross = nn.ModuleList(CABlock(c, h, cfg.context_channels, **kw)
                                        for c, h in zip(enc, cfg.enc_heads))
         coarse = [*dec[1:], enc[-1]]  # decoder stage s reads stage s+1's output (the bottleneck for the last)
-        self.unpools = nn.ModuleList(SerializedUnpooling(coarse[s], enc[s], dec[s]) for s in range(len(dec)))
-        self.dec_blocks = nn.ModuleList(Block(c, h, cfg.patch_size, **kw) for c, h in zip(dec, cfg.dec_heads))
+        self.unpools = nn.ModuleList(SerializedUnpooling(coarse[s], enc[s], dec[s], stale_cpe=cfg.official_quirks)
+                                     for s in range(len(dec)))
+        self.dec_blocks = nn.ModuleList(Block(c, h, cfg.patch_size, **block_kw) for c, h in zip(dec, cfg.dec_heads))
         self.dec_cross = nn.ModuleList(CABlock(c, h, cfg.context_channels, **kw)
                                        for c, h in zip(dec, cfg.dec_heads))
         self.local_query = cfg.local_query

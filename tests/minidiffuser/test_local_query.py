@@ -13,10 +13,12 @@ from harness.policy import build_policy
 B, M = 3, 6
 
 
-def reference_lookup(xyz: torch.Tensor, level, index_level) -> torch.Tensor:
-    """Brute force: the voxel of each sample (B, M, 3) on ``index_level``'s grid (its origin and size), read
-    in ``level``'s sites (level.grid, level.batch, level.conv_feat) -> (B, M, C), zeros where empty."""
-    vox = torch.floor((xyz - index_level.origin[:, None, :]) / index_level.grid_size).long()
+def reference_lookup(xyz: torch.Tensor, level, index_level, origin=None, truncate: bool = False) -> torch.Tensor:
+    """Brute force: the voxel of each sample (B, M, 3) on ``index_level``'s grid (its origin, or ``origin``,
+    and size; floored, or truncated toward zero), read in ``level``'s sites (level.grid, level.batch,
+    level.conv_feat) -> (B, M, C), zeros where empty."""
+    rel = (xyz - (index_level.origin if origin is None else origin)[:, None, :]) / index_level.grid_size
+    vox = (torch.trunc(rel) if truncate else torch.floor(rel)).long()
     out = level.conv_feat.new_zeros(B, M, level.conv_feat.shape[1])
     for b in range(B):
         for m in range(M):
@@ -89,4 +91,6 @@ def test_official_quirk_reads_the_coarsest_index_at_every_level(setup, monkeypat
     _, quirk, cond, xyz, t = setup
     coarsest = cond.levels[0]
     for i, (level, got) in enumerate(zip(cond.levels, _spied_lookups(quirk, cond, xyz, t, monkeypatch))):
-        _assert_reads(got, reference_lookup(xyz, level, coarsest), f"level {i} (quirk)")
+        # official: the batch-wide minimum of the bottleneck's pooled coordinates, truncated toward zero
+        origin = coarsest.coord[coarsest.mask].min(0).values.expand(B, 3)
+        _assert_reads(got, reference_lookup(xyz, level, coarsest, origin, truncate=True), f"level {i} (quirk)")

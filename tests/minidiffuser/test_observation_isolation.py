@@ -22,9 +22,11 @@ from harness.policy import build_policy
 
 VARIANTS = {
     "default": {},
-    "quirks": {"official_quirks": True},  # the text-tiling quirk mixes instructions; points stay separate
     "transformer": {"backbone": "transformer", "local_query": False},
 }
+# Not here: official_quirks=true, which reproduces the released code's cross-observation dependences on
+# purpose (the anchors' voxel origin is the batch-wide minimum, the patch size the smallest observation's
+# point count; tests/minidiffuser/test_official_quirks.py pins both).
 B, PERTURBED = 3, 1  # with a (b+1) % B leak, observation 0 would read the perturbed observation 1
 
 

@@ -69,3 +69,82 @@ def test_official_voxel_index_truncates_toward_zero():
     xyz = torch.tensor([[[-0.003, 0.015, -0.012], [0.0, 0.0999, 0.1001]]])
     assert voxel_of(xyz, origin, 0.01).tolist() == [[[-1, 1, -2], [0, 9, 10]]]
     assert voxel_of(xyz, origin, 0.01, truncate=True).tolist() == [[[0, 1, -1], [0, 9, 10]]]
+
+
+# ------------------------------------------------------------------ anchor origin, CPE, patch padding
+
+def test_official_anchor_origin_is_the_batch_wide_pooled_minimum():
+    from minidiffuser.query import QueryLevel, official_anchor_origin
+
+    coord = torch.tensor([[[0.30, 0.50, 0.10], [0.10, 0.90, 0.20], [9.0, 9.0, 9.0]],    # 3rd: padding
+                          [[0.20, 0.40, 0.30], [0.60, 0.70, 0.05], [0.0, 0.0, 0.0]]])   # 3rd: padding
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    level = QueryLevel(feat=torch.zeros(2, 3, 4), coord=coord, mask=mask)
+    origin = official_anchor_origin(level)
+    torch.testing.assert_close(origin, torch.tensor([[0.10, 0.40, 0.05]] * 2))  # padded slots never count
+    # an anchor at (0.33, 0.40, 0.05) reads voxel (1, 0, 0) of 0.16 m from that origin (truncated)
+    vox = voxel_of(torch.tensor([[[0.33, 0.40, 0.05]]]), origin[:1], 0.16, truncate=True)
+    assert vox.tolist() == [[[1, 0, 0]]]
+
+
+def _levels(counts=(5,), C=4, seed=0):
+    """A flat level with ``counts`` points per observation along a line (serialized order = index order)."""
+    from minidiffuser.points.unet import make_level, serialize_level
+
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    coord = torch.cat([torch.arange(n, dtype=torch.float32)[:, None] * torch.tensor([0.01, 0.0, 0.0])
+                       for n in counts])
+    level = make_level(torch.randn(len(batch), C, generator=g), coord, batch, len(counts), 0.01)
+    return serialize_level(level, "z")
+
+
+def test_official_patch_padding_reuses_the_previous_patch_unmasked():
+    from minidiffuser.points.unet import SerializedAttention, reuse_padding
+
+    # 5 points, K = 3: patches [0 1 2] [3 4 (2)]; 2 observations of 5 and 2 points: K = min(3, 2) = 2
+    idx, pos = reuse_padding(torch.tensor([5]), 3)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 2] and pos.tolist() == [0, 1, 2, 3, 4]
+    idx, pos = reuse_padding(torch.tensor([5, 2]), 2)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 3, 5, 6] and pos.tolist() == [0, 1, 2, 3, 4, 6, 7]
+
+    level = _levels((5,))
+    torch.manual_seed(0)
+    att = SerializedAttention(4, 1, patch_size=3, attn_drop=0.0, proj_drop=0.0, official_padding=True).eval()
+    x = level.feat
+    with torch.no_grad():
+        out = att(x, level)
+        # by hand, for the point at serialized position 3: keys are positions 3, 4 and the re-used 2
+        xs = x[level.order]
+        q, k, v = att.qkv(xs).view(5, 3, 1, 4).unbind(1)
+        q, k = att.q_norm(q), att.k_norm(k)
+        keys = [3, 4, 2]
+        w = torch.softmax(torch.stack([(q[3] * k[j]).sum() for j in keys]) / 2.0, 0)
+        expect = att.proj(sum(w[i] * v[j] for i, j in enumerate(keys)).view(1, 4))
+        torch.testing.assert_close(out[level.order[3]], expect[0], atol=1e-5, rtol=1e-5)
+        masked = SerializedAttention(4, 1, patch_size=3, attn_drop=0.0, proj_drop=0.0).eval()
+        masked.load_state_dict(att.state_dict())
+        assert (masked(x, level)[level.order[3]] - out[level.order[3]]).abs().max() > 1e-4  # the fix differs
+
+
+def test_official_decoder_cpe_convolves_the_skip_branch_only():
+    from minidiffuser.points.unet import Block, SerializedPooling, SerializedUnpooling, serialize_level
+
+    fine = _levels((6,), C=4)
+    torch.manual_seed(0)
+    coarse = serialize_level(SerializedPooling(4, 8)(fine), "z")
+    block = Block(4, 1, patch_size=4, mlp_ratio=1, attn_drop=0.0, proj_drop=0.0).eval()
+    with torch.no_grad():  # attention and MLP contribute nothing: the block is x + CPE(conv(input))
+        for p in [*block.attn.proj.parameters(), *block.mlp.parameters()]:
+            p.zero_()
+
+    def cpe_term(stale: bool, coarse_feat):
+        torch.manual_seed(1)
+        unpool = SerializedUnpooling(8, 4, 4, stale_cpe=stale).eval()
+        with torch.no_grad():
+            lvl = unpool(coarse.with_feat(coarse_feat), fine)
+            return block(lvl).feat - lvl.feat
+
+    a, b = coarse.feat, coarse.feat + 1.0
+    torch.testing.assert_close(cpe_term(True, a), cpe_term(True, b))       # official: coarse branch unseen
+    assert (cpe_term(False, a) - cpe_term(False, b)).abs().max() > 1e-4     # fixed: the CPE sees the sum
