@@ -185,8 +185,6 @@ def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str
     evaluates the oracle once for all its runs)."""
     from harness.data.metaworld.replay import ServoConfig
     from harness.evaluate.metaworld_eval import evaluation_seeds, generator_settings
-    from harness.record import RunRecord
-    from harness.runlock import RunLock
 
     run_dir, ckpt = resolve_run(target)
     _, _, ds = load_policy(run_dir, ckpt, data_path)
@@ -216,19 +214,7 @@ def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str
         from harness.record import write_text_atomic
 
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
-        with RunLock(run_dir):
-            rec = RunRecord(run_dir)
-            data = rec.load() or {}
-            final = dict(data.get("final_metrics") or {})
-            final["success"] = {"success_pct": None if summary["success"] is None else 100 * summary["success"],
-                                "episodes": summary["episodes"], "env": "metaworld",
-                                "ci_pct": [None if v is None else 100 * v for v in summary["success_ci"]],
-                                "oracle_success_pct": None if summary.get("oracle_success") is None
-                                else 100 * summary["oracle_success"],
-                                "failures": summary["failures"], "seeds": seeds, "tasks": tasks,
-                                "config": summary["config"]}
-            rec.data = data
-            rec.update(final_metrics=final)
+        record_success(run_dir, summary, seeds=seeds, config=summary["config"])
     summary["oracle_episodes"] = [r.to_dict() for r in oracle_results or []]
     return summary
 
@@ -240,8 +226,7 @@ def evaluate_rlbench(target: str | os.PathLike, cfg, test_root: str, data_path: 
     results.jsonl, summary.json} and the record's final_metrics.success."""
     from harness.evaluate.metaworld_eval import LiveObservation, make_predictor
     from harness.evaluate.rlbench_eval import launch_environment, planning_errors, run_episode, write_results
-    from harness.record import RunRecord, write_text_atomic
-    from harness.runlock import RunLock
+    from harness.record import write_text_atomic
 
     run_dir, ckpt = resolve_run(target)
     policy, run_cfg, ds = load_policy(run_dir, ckpt, data_path)
@@ -277,15 +262,27 @@ def evaluate_rlbench(target: str | os.PathLike, cfg, test_root: str, data_path: 
     write_episodes(out / "episodes.jsonl", results)
     summary["demo_weighted_per_task"] = write_results(out / "results.jsonl", str(ckpt), results, variations)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    record_success(run_dir, summary)
+    return summary
+
+
+def record_success(run_dir: Path, summary: dict, **extra) -> None:
+    """``final_metrics.success`` of the run's record (in %, as every metric there), written under the run's
+    lock so that it never races a training process on the same folder."""
+    from harness.record import RunRecord
+    from harness.runlock import RunLock
+
+    def pct(v):
+        return None if v is None else 100 * v
+
     with RunLock(run_dir):
         rec = RunRecord(run_dir)
         data = rec.load() or {}
         final = dict(data.get("final_metrics") or {})
-        final["success"] = {"success_pct": None if summary["success"] is None else 100 * summary["success"],
-                            "episodes": summary["episodes"], "env": "rlbench", "failures": summary["failures"],
-                            "ci_pct": [None if v is None else 100 * v for v in summary["success_ci"]],
-                            "tasks": list(cfg.tasks)}
+        final["success"] = {"success_pct": pct(summary["success"]), "episodes": summary["episodes"],
+                            "ci_pct": [pct(v) for v in summary["success_ci"]], "env": summary["env"],
+                            "oracle_success_pct": pct(summary.get("oracle_success")),
+                            "failures": summary["failures"], "tasks": summary["tasks"], **extra}
         rec.data = data
         rec.update(final_metrics=final)
-    return summary
 

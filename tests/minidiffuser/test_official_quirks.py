@@ -35,11 +35,16 @@ def _by_hand(att: GroupedAttention, x, kv, q_xyz, k_xyz, rope_first: bool) -> to
     return att.proj((w @ v).transpose(1, 2).reshape(B, Lq, 12))
 
 
+def _inputs(seed: int, Lq: int, Lk: int):
+    """Queries (1, Lq, 12), keys (1, Lk, 8), their positions and an all-valid key mask."""
+    g = torch.Generator().manual_seed(seed)
+    x, kv = torch.randn(1, Lq, 12, generator=g), torch.randn(1, Lk, 8, generator=g)
+    q_xyz, k_xyz = torch.randn(1, Lq, 3, generator=g), torch.randn(1, Lk, 3, generator=g)
+    return x, kv, q_xyz, k_xyz, torch.ones(1, Lk, dtype=torch.bool)
+
+
 def test_official_order_rotates_q_before_its_layernorm_and_leaves_keys_unrotated():
-    g = torch.Generator().manual_seed(1)
-    x, kv = torch.randn(1, 3, 12, generator=g), torch.randn(1, 5, 8, generator=g)
-    q_xyz, k_xyz = torch.randn(1, 3, 3, generator=g), torch.randn(1, 5, 3, generator=g)
-    mask = torch.ones(1, 5, dtype=torch.bool)
+    x, kv, q_xyz, k_xyz, mask = _inputs(1, 3, 5)
     official = _attention(rope_before_norm=True, rope_keys=False)
     with torch.no_grad():
         out = official(x, kv, mask, q_xyz, k_xyz)
@@ -52,10 +57,7 @@ def test_official_order_rotates_q_before_its_layernorm_and_leaves_keys_unrotated
 
 
 def test_fixed_model_normalises_first_and_rotates_keys():
-    g = torch.Generator().manual_seed(2)
-    x, kv = torch.randn(1, 2, 12, generator=g), torch.randn(1, 4, 8, generator=g)
-    q_xyz, k_xyz = torch.randn(1, 2, 3, generator=g), torch.randn(1, 4, 3, generator=g)
-    mask = torch.ones(1, 4, dtype=torch.bool)
+    x, kv, q_xyz, k_xyz, mask = _inputs(2, 2, 4)
     fixed = _attention(rope_before_norm=False, rope_keys=True)
     with torch.no_grad():
         out = fixed(x, kv, mask, q_xyz, k_xyz)
