@@ -84,7 +84,7 @@ class TrainConfig:
 class ClusterConfig:
     """Where ``mdh sweep`` runs its jobs (harness/launch.py); not part of a run's identity.
 
-    ``name``: "local" (one after another in this process), "local_parallel" (at most ``max_parallel``
+    ``name``: "local" (one after another, each in a fresh process), "local_parallel" (at most ``max_parallel``
     subprocesses through submitit) or "slurm" (submitit job array). SLURM: ``partition``, ``account``,
     ``qos``, ``gpus_per_task``, ``cpus_per_task``, ``mem_gb`` (null: the cluster's default),
     ``timeout_min`` (time limit), ``array_parallelism``, ``signal_delay_s`` (SIGUSR2 this long before the

@@ -277,24 +277,33 @@ def _executor(cluster, out_dir: Path):
     return ex
 
 
+def _train_in_subprocess(p: PlannedRun) -> str:
+    """``mdh train <overrides> hydra.run.dir=<run dir>`` in a child process; its outcome from the record."""
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "train", *p.overrides, f"hydra.run.dir={p.run_dir}"],
+                          check=False)
+    try:
+        record = RunRecord(p.run_dir).load() or {}
+    except RecordError:
+        record = {}
+    if proc.returncode == 0:
+        return record.get("status") or "?"
+    error = (record.get("error") or "").strip()
+    log.error("run %s failed (exit status %d): %s", p.run_dir, proc.returncode, error.splitlines()[0] if error else "")
+    return f"failed: {error.splitlines()[0] if error else f'exit status {proc.returncode}'}"
+
+
 def launch(planned: list[PlannedRun], cluster, out_dir: Path, wait: bool = True) -> dict[str, str]:
     """Run every pending run of ``planned`` on ``cluster`` (a ``ClusterConfig``); returns {run: outcome}."""
     todo = [p for p in planned if p.state == "pending"]
     outcomes: dict[str, str] = {}
     if not todo:
         return outcomes
-    if cluster.name == "local":  # one after another, in this process
-        from harness.train import run_training
-
+    if cluster.name == "local":
+        # one after another, each in a fresh `mdh train` process: a process's RSS holds what earlier runs left
+        # (allocator caches, freed-but-kept heap), which measured a 50-step 3DDA run at 3.55 GB after two
+        # Mini-Diffuser runs in one process against 1.73 GB alone
         for p in todo:
-            cfg, resolved, yaml_text, _ = p.composed or compose_run(p.overrides)
-            try:
-                record = run_training(cfg, p.run_dir, resolved=resolved, config_yaml=yaml_text,
-                                      overrides=p.overrides, launcher=launcher_info())
-                outcomes[p.run_dir.name] = record.get("status") or "?"
-            except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep; its record says why
-                outcomes[p.run_dir.name] = f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                log.error("run %s failed: %s", p.run_dir, e)
+            outcomes[p.run_dir.name] = _train_in_subprocess(p)
         return outcomes
     executor = _executor(cluster, out_dir)
     jobs = []

@@ -154,3 +154,14 @@ def test_local_parallel_runs_through_submitit(data, tmp_path):
             os.environ["OMP_NUM_THREADS"] = env_threads
     assert sorted(outcomes.values()) == ["done", "done"], outcomes
     assert (out / ".submitit").is_dir()
+
+
+def test_local_runs_each_run_in_a_process_of_its_own(data, tmp_path, monkeypatch):
+    """The `local` cluster trains every run in a fresh process, so a run's RSS peak is its own and not what
+    an earlier run of the sweep left in the process."""
+    path = _sweep_file(tmp_path, data, [["train.M=1"], ["train.M=2"]], steps=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    planned, outcomes = run_sweep(str(path), [], out=str(tmp_path / "out"))
+    assert sorted(outcomes.values()) == ["done", "done"], outcomes
+    pids = [json.loads((p.run_dir / "record.json").read_text())["owner"]["pid"] for p in planned]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
