@@ -101,10 +101,10 @@ class LiveObservation:
 
 
 def current_pose(env, obs: np.ndarray, threshold: float) -> np.ndarray:
-    from harness.data.metaworld.scene import hand_pose, is_open
+    """The demos' pose layout (``rollout.frame_pose``), imported here lazily: Meta-World loads on first use."""
+    from harness.data.metaworld.rollout import frame_pose
 
-    xyz, quat = hand_pose(env)
-    return np.concatenate([xyz, quat, [is_open(obs, threshold)]])
+    return frame_pose(env, obs, threshold)
 
 
 class VideoRecorder:

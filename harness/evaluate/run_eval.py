@@ -89,12 +89,18 @@ def _episodes_worker(run_dir: str, ckpt: str, data_path: str | None, cfg_dict: d
     torch.set_num_threads(1)  # results must not depend on --workers: one intra-op thread everywhere
     cfg = MetaWorldEvalConfig(**{k: v for k, v in cfg_dict.items() if not k.startswith("_") and k != "servo"},
                               servo=_servo(cfg_dict["servo"]))
-    policy, run_cfg, ds = load_policy(Path(run_dir), Path(ckpt), data_path)
-    size = int(ds.meta.image_size[0])
-    settings = generator_settings(ds.meta)
+    if with_policy:
+        policy, run_cfg, ds = load_policy(Path(run_dir), Path(ckpt), data_path)
+        meta = ds.meta
+        observe = LiveObservation(ds, run_cfg.data.kind, policy.input_spec.n_hist)
+        predict = make_predictor(policy, cfg.sampler, cfg.sampler_steps, torch.device("cpu"))
+    else:  # the oracle needs the dataset's facts only, not the policy, its weights or its transforms
+        from harness.train import dataset_info
+
+        meta = dataset_info(run_config(json.loads((Path(run_dir) / "record.json").read_text()), data_path)).meta
+    size = int(meta.image_size[0])
+    settings = generator_settings(meta)
     threshold = float(settings.get("open_threshold", 0.6))
-    observe = LiveObservation(ds, run_cfg.data.kind, policy.input_spec.n_hist)
-    predict = make_predictor(policy, cfg.sampler, cfg.sampler_steps, torch.device("cpu"))
     name = Path(run_dir).name
     out, envs = [], {}
     try:

@@ -53,7 +53,9 @@ class Demo:
         return [0] + gripper_stride_keyposes(self.gripper_open, stride)
 
 
-def _frame_pose(env, obs: np.ndarray, threshold: float) -> np.ndarray:
+def frame_pose(env, obs: np.ndarray, threshold: float) -> np.ndarray:
+    """(8,) [hand xyz, tool quat xyzw, physical open] now: the pose layout of the recorded demos, and of the
+    history closed-loop evaluation feeds the policy."""
     xyz, quat = hand_pose(env)
     return np.concatenate([xyz, quat, [is_open(obs, threshold)]])
 
@@ -76,7 +78,7 @@ def record_expert(env, task: str, seed: int, max_steps: int | None = None,
         state = np.empty(size, dtype=np.float64)
         mujoco.mj_getState(model, data, state, spec)
         states.append(state)
-        poses.append(_frame_pose(env, obs, open_threshold))
+        poses.append(frame_pose(env, obs, open_threshold))
         gaps.append(float(obs[3]))
         if action is not None:
             commands.append(action)
