@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[metaworld,dev]"
+	$(BIN)/python -m pip install -q -e ".[metaworld,zarr,dev]"
 	touch $(STAMP)
 
 lint: venv
