@@ -12,8 +12,10 @@ from harness.data.errors import DataError
 
 
 def _add_data(sub) -> None:
+    from harness.data.formats.rlbench_raw import PERACT_CAMERAS
+
     p = sub.add_parser("data", help="generate, inspect and convert keystep datasets")
-    dsub = p.add_subparsers(dest="data_cmd", metavar="{metaworld,inspect}")
+    dsub = p.add_subparsers(dest="data_cmd", metavar="{metaworld,convert-rlbench,inspect}")
     dsub.required = True
 
     mw = dsub.add_parser("metaworld", help="generate the embedded Meta-World suite (CPU, minutes)")
@@ -27,6 +29,25 @@ def _add_data(sub) -> None:
     mw.add_argument("--stride", type=int, default=None, help="fixed keypose stride (default: generator's)")
     mw.add_argument("--out", default="data/metaworld", help="output folder (default data/metaworld)")
     mw.add_argument("--no-progress", action="store_true")
+
+    cv = dsub.add_parser("convert-rlbench", help="raw RLBench episodes -> keysteps + voxel1cm LMDBs and "
+                         "instruction files (resumable per task-variation)")
+    cv.add_argument("raw", help="raw RLBench root, task or variation folder, or a folder of train/val/test roots")
+    cv.add_argument("out", help="output dataset folder (rerun the same command to resume)")
+    cv.add_argument("--tasks", default=None, help="comma-separated task names (default: every task found)")
+    cv.add_argument("--cameras", default=",".join(PERACT_CAMERAS),
+                    help=f"comma-separated cameras, in this order (default {','.join(PERACT_CAMERAS)})")
+    cv.add_argument("--split", default="train", choices=["train", "val", "test"],
+                    help="split a single raw root is written to (default train; a folder of train/val/test "
+                         "roots fills each)")
+    cv.add_argument("--keyposes", default="lotus", choices=["lotus", "peract"],
+                    help="keypose variant: lotus (Mini-Diffuser / 3D-LOTUS / 3DDA, default) or peract")
+    cv.add_argument("--stopping-delta", type=float, default=0.1, help="joint-velocity stop threshold (0.1)")
+    cv.add_argument("--encoder", default="clip", help="instruction text encoder: clip (falls back to hash "
+                    "without the weights, and says so) | hash")
+    cv.add_argument("--workers", type=int, default=1, help="processes, one task-variation each (default 1)")
+    cv.add_argument("--skip-bad", action="store_true", help="skip unreadable episodes; listed in meta.json")
+    cv.add_argument("--no-progress", action="store_true")
 
     ins = dsub.add_parser("inspect", help="summarise a dataset folder")
     ins.add_argument("path")
@@ -206,6 +227,26 @@ def _data(args) -> int:
             print(format_oracle_table(summary))
         print(f"wrote {summary['out']} in {summary['seconds']:.0f} s "
               f"(instruction embeddings: {summary['text_encoder']})")
+        return 0
+    if args.data_cmd == "convert-rlbench":
+        from harness.data.convert_rlbench import convert_rlbench
+
+        tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+        s = convert_rlbench(args.raw, args.out, tasks=tasks, cameras=[c for c in args.cameras.split(",") if c],
+                            split=args.split, keyposes=args.keyposes, stopping_delta=args.stopping_delta,
+                            encoder=args.encoder, workers=args.workers, skip_bad=args.skip_bad,
+                            progress=not args.no_progress)
+        print(f"converted {len(s['converted'])} task-variation(s), kept {len(s['kept'])} already converted; "
+              f"{s['episodes']} episodes, {s['keysteps']} keysteps in {s['out']} ({s['seconds']:.1f} s)")
+        if s["text_encoder"] != args.encoder:
+            print(f"instruction embeddings: {s['text_encoder']} (FELL BACK from {args.encoder}; the warning above says why)")
+        else:
+            print(f"instruction embeddings: {s['text_encoder']}")
+        if s["fallback_instructions"]:
+            print(f"no variation_descriptions.pkl with instructions for {s['fallback_instructions']}: "
+                  "the instruction is the task name")
+        for tv, bad in s["skipped"].items():
+            print(f"skipped in {tv}: {bad}")
         return 0
     if args.data_cmd == "inspect":
         from harness.data.inspect import format_summary, inspect_dataset, render_keystep

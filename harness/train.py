@@ -387,6 +387,10 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock | None, resolved: di
     policy = build_run_policy(cfg, dataset_info(cfg)).to(device)
     train_ds, eval_ds, eval_split = build_datasets(cfg, policy, dist.world_size)
     identity = data_identity(train_ds, eval_ds, eval_split)
+    if cfg.data.name == "metaworld" and train_ds.meta.source != "metaworld":
+        log.warning("data=%s but %s holds %r data (%s): reports label this run data=%s; pass data=<its "
+                    "config> (e.g. data=rlbench for `mdh data convert-rlbench` output)", cfg.data.name,
+                    cfg.data.path, train_ds.meta.source, train_ds.meta_source, cfg.data.name)
     if config_yaml is not None:
         record.write_config(config_yaml)
     t = cfg.train

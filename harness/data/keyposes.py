@@ -7,6 +7,13 @@ Two rules:
   gripper-state changes plus a fixed stride plus the last frame (§3.2: the stopped-arm rule finds almost
   nothing there).
 Both return sorted frame indices, excluding frame 0; callers prepend 0 as the 3D-LOTUS keystep script does.
+
+``peract_keyposes`` has the published variants as switches (../shared/reference/rlbench_and_metaworld.md §1.4):
+``rule="lotus"`` (default; 3D-LOTUS / Mini-Diffuser's ``rlbench_keystep_detection.py``, identical to 3D
+Diffuser Actor's ``keypoint_discovery``): the gripper window ``i-2 .. i+1`` is clamped at frame 0.
+``rule="peract"`` (PerAct's ``demo_loading_utils.py``): ``demo[i-1]`` and ``demo[i-2]`` are not clamped, so
+at i = 0, 1 they read the LAST frames (Python's negative indexing) - the published behaviour, kept as is.
+The two differ only when the gripper state of the first two frames differs from that of the last ones.
 """
 
 from __future__ import annotations
@@ -14,9 +21,15 @@ from __future__ import annotations
 import numpy as np
 
 
+KEYPOSE_RULES = ("lotus", "peract")
+
+
 def peract_keyposes(gripper_open: np.ndarray, joint_velocities: np.ndarray,
-                    stopping_delta: float = 0.1) -> list[int]:
-    """PerAct keyposes. ``gripper_open`` (T,), ``joint_velocities`` (T, n_joints)."""
+                    stopping_delta: float = 0.1, rule: str = "lotus") -> list[int]:
+    """PerAct keyposes. ``gripper_open`` (T,), ``joint_velocities`` (T, n_joints); ``rule`` in
+    ``KEYPOSE_RULES`` (module docstring)."""
+    if rule not in KEYPOSE_RULES:
+        raise ValueError(f"unknown keypose rule {rule!r}; choices: {list(KEYPOSE_RULES)}")
     gripper_open = np.asarray(gripper_open)
     joint_velocities = np.asarray(joint_velocities)
     n = len(gripper_open)
@@ -26,8 +39,9 @@ def peract_keyposes(gripper_open: np.ndarray, joint_velocities: np.ndarray,
     prev = gripper_open[0]
     buf = 0
     for i in range(n):
-        no_change = i < n - 2 and (gripper_open[i] == gripper_open[i + 1] == gripper_open[max(0, i - 1)]
-                                   == gripper_open[max(0, i - 2)])
+        im1, im2 = (max(0, i - 1), max(0, i - 2)) if rule == "lotus" else (i - 1, i - 2)
+        no_change = i < n - 2 and (gripper_open[i] == gripper_open[i + 1] == gripper_open[im1]
+                                   == gripper_open[im2])
         stopped = (buf <= 0 and np.allclose(joint_velocities[i], 0, atol=stopping_delta)
                    and i != n - 2 and no_change)
         buf = 4 if stopped else buf - 1  # 4-step refractory period after a stop

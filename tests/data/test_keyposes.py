@@ -107,3 +107,21 @@ def test_stride_output_is_sorted_unique_and_excludes_frame_zero():
         assert kps == sorted(set(kps)) and kps[-1] == n - 1 and 0 not in kps
         changes = [i for i in range(1, n) if g[i] != g[i - 1]]
         assert set(changes) <= set(kps)
+
+
+def test_peract_rule_reads_the_last_frames_for_the_window_before_frame_0():
+    # The gripper opens at the start and is closed at the end; the arm stops only at frame 1.
+    g = np.array([1] * 6 + [0] * 6)
+    vel = np.ones((12, 7))
+    vel[1] = 0
+    # lotus (3D-LOTUS / Mini-Diffuser / 3DDA): the window i-2..i+1 is clamped at 0, so frame 1 is a stop
+    assert peract_keyposes(g, vel) == [1, 6, 11]
+    # peract: demo[i-2] at i = 1 is demo[-1] (closed), so the window disagrees and frame 1 is no stop
+    assert peract_keyposes(g, vel, rule="peract") == [6, 11]
+    # with the same state at both ends the rules agree
+    assert peract_keyposes(np.ones(12), vel) == peract_keyposes(np.ones(12), vel, rule="peract") == [1, 11]
+
+
+def test_unknown_keypose_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown keypose rule 'perac'.*lotus"):
+        peract_keyposes(np.ones(5), np.zeros((5, 7)), rule="perac")

@@ -13,7 +13,11 @@ originals), the ``variation<V>`` folders win and ``all_variations`` is ignored, 
 twice. ``path`` may be the root holding task folders, one task folder, or one ``variation<V>`` (or
 ``all_variations``) folder.
 
-Only the keyframes' PNGs are decoded: ``[0] + peract_keyposes(gripper_open, joint_velocities)``.
+Only the keyframes' PNGs are decoded: ``[0] + peract_keyposes(gripper_open, joint_velocities, rule=...)``
+(``keyposes="lotus"`` by default: the Mini-Diffuser / 3D-LOTUS variant; ``"peract"``: PerAct's unclamped one).
+Robot link boxes and poses are read from ``misc`` when the recording fork stored them (entries named
+``<link>_bbox`` with 6 numbers and ``<link>_pose`` with 7, e.g. the GemBench fork 3D-LOTUS uses); upstream
+RLBench records none, and the episode then has no ``bbox_info``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from harness.data.episode import Episode
 from harness.data.errors import DataError
 from harness.data.formats import natural_key, parse_taskvar, register_source
-from harness.data.keyposes import peract_keyposes
+from harness.data.keyposes import KEYPOSE_RULES, peract_keyposes
 from harness.safe_pickle import SafeUnpickler, safe_load
 
 PERACT_CAMERAS = ("left_shoulder", "right_shoulder", "wrist", "front")
@@ -223,12 +227,19 @@ class RLBenchRawSource:
     ``RLBenchRawSource(path, cameras=None)``: ``path`` is a dataset root, a task folder or a variation
     folder; ``cameras`` (sequence of names) defaults to the four PerAct cameras
     ``("left_shoulder", "right_shoulder", "wrist", "front")`` and fixes the camera axis of image arrays.
+    ``keyposes`` (``KEYPOSE_RULES``) and ``stopping_delta`` select the keypose variant (module docstring).
     """
 
     name = "rlbench_raw"
 
-    def __init__(self, path: str | os.PathLike, cameras: Sequence[str] | str | None = None):
+    def __init__(self, path: str | os.PathLike, cameras: Sequence[str] | str | None = None,
+                 keyposes: str = "lotus", stopping_delta: float = 0.1):
         self.path = Path(path)
+        if keyposes not in KEYPOSE_RULES:
+            raise DataError(f"unknown keypose rule {keyposes!r}; choices: {list(KEYPOSE_RULES)}", self.path)
+        if not stopping_delta > 0:
+            raise DataError(f"stopping_delta must be > 0 rad/s, got {stopping_delta!r}", self.path)
+        self.keyposes, self.stopping_delta = keyposes, float(stopping_delta)
         if not self.path.is_dir():
             raise DataError("RLBench data folder does not exist", self.path)
         self.level = _level(self.path)
@@ -316,6 +327,10 @@ class RLBenchRawSource:
         """Episode names ("episode<k>") of ``taskvar``, in natural order."""
         return list(self._entry(taskvar).episodes)
 
+    def taskvar_path(self, taskvar: str) -> Path:
+        """The ``variation<V>`` (or ``all_variations``) folder that holds ``taskvar``'s episodes."""
+        return self._entry(taskvar).folder
+
     def episode_path(self, taskvar: str, key: str) -> Path:
         """Folder of one episode; unknown key -> ``DataError``."""
         entry = self._entry(taskvar)
@@ -391,7 +406,8 @@ class RLBenchRawSource:
         if bad.size:
             raise DataError(f"non-finite gripper pose at step {bad[0]}: {gripper_pose[bad[0]].tolist()}",
                             low_dim, f"{where}/obs[{bad[0]}].gripper_pose")
-        frames = [0] + [int(i) for i in peract_keyposes(gripper_open, joint_vel)]
+        frames = [0] + [int(i) for i in peract_keyposes(gripper_open, joint_vel, self.stopping_delta,
+                                                        rule=self.keyposes)]
 
         rgb_dirs = [self._camera_dir(ep_dir, c, "rgb", n, where) for c in self.cameras]
         depth_dirs = [self._camera_dir(ep_dir, c, "depth", n, where) for c in self.cameras]
@@ -431,13 +447,14 @@ class RLBenchRawSource:
             if with_mask:
                 masks.append(np.stack(row_mask))
 
+        bbox_info, pose_info = _link_boxes([demo[t].misc for t in frames], low_dim, where)
         actions = np.concatenate([gripper_pose[frames], gripper_open[frames, None]], axis=1)
         actions = actions.astype(np.float32)
         instructions, fallback = self._instructions(taskvar, ep_dir)
         return Episode(
             task=task, variation=var, episode=key, actions=actions, key_frameids=frames,
             rgb_images=np.stack(rgbs), point_maps=np.stack(points), depth=np.stack(depths),
-            mask=np.stack(masks) if with_mask else None,
+            mask=np.stack(masks) if with_mask else None, bbox_info=bbox_info, pose_info=pose_info,
             extra={"instructions": list(instructions), "instructions_fallback": fallback,
                    "cameras": list(self.cameras), "demo_length": n, "path": str(ep_dir)},
         )
@@ -470,6 +487,30 @@ def _stack(demo: Iterable[Observation], name: str, shape: tuple[int, ...] | None
             raise DataError(f"expected {expected}, got {value!r}", path, f"{where}/obs[{i}].{name}")
         rows.append(arr)
     return np.stack(rows)
+
+
+def _link_boxes(miscs: list[dict], path: Path, where: str) -> tuple[dict | None, dict | None]:
+    """({"<link>_bbox": (T, 6)}, {"<link>_pose": (T, 7)}) from the keyframes' ``misc``, or (None, None)
+    when the recording stored no link boxes. An entry must be present with its size at every keyframe."""
+    names = sorted(k for k in miscs[0] if isinstance(k, str) and (k.endswith("_bbox") or k.endswith("_pose")))
+    if not names:
+        return None, None
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        size = 6 if name.endswith("_bbox") else 7
+        rows = []
+        for t, misc in enumerate(miscs):
+            try:
+                arr = np.asarray(misc.get(name), dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                arr = None
+            if arr is None or arr.shape != (size,) or not np.isfinite(arr).all():
+                raise DataError(f"link box entry {name!r} must hold {size} finite numbers at every keyframe, "
+                                f"got {misc.get(name)!r:.80} at keyframe {t}", path, f"{where}[{name}]")
+            rows.append(arr)
+        out[name] = np.stack(rows).astype(np.float32)
+    return ({k: v for k, v in out.items() if k.endswith("_bbox")} or None,
+            {k: v for k, v in out.items() if k.endswith("_pose")} or None)
 
 
 def _camera_params(misc: dict, cam: str, path: Path,
