@@ -492,7 +492,7 @@ def _stack(demo: Iterable[Observation], name: str, shape: tuple[int, ...] | None
 def _link_boxes(miscs: list[dict], path: Path, where: str) -> tuple[dict | None, dict | None]:
     """({"<link>_bbox": (T, 6)}, {"<link>_pose": (T, 7)}) from the keyframes' ``misc``, or (None, None)
     when the recording stored no link boxes. An entry must be present with its size at every keyframe."""
-    names = sorted(k for k in miscs[0] if isinstance(k, str) and (k.endswith("_bbox") or k.endswith("_pose")))
+    names = sorted(k for k in miscs[0] if isinstance(k, str) and k.endswith(("_bbox", "_pose")))
     if not names:
         return None, None
     out: dict[str, np.ndarray] = {}
