@@ -308,3 +308,43 @@ def test_cli_convert_then_inspect(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "out"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["episodes"] == 2 and summary["keysteps"] == 2
+
+
+def _with_link_boxes(tmp_path: Path, fake_rlbench, bad: str | None = None) -> Path:
+    """A raw root whose episode0 records link boxes in misc (as the GemBench fork does); ``bad`` names an
+    entry given 5 numbers at frame 69."""
+    from harness.data.formats.rlbench_raw import load_pickle
+    from harness.data.meta import RLBENCH18
+
+    raw = tmp_path / "raw"
+    _link_variation(raw, 0, skip={"episode0": ("low_dim_obs.pkl",)})
+    shutil.rmtree(raw / "reach_target" / "variation0" / "episodes" / "episode1")
+    demo = fake_rlbench.copy_demo(load_pickle(EP0 / "low_dim_obs.pkl"))
+    for i, obs in enumerate(demo._observations):
+        obs.misc = dict(obs.misc)
+        for j, link in enumerate(RLBENCH18.robot_link_boxes):
+            obs.misc[f"{link}_bbox"] = np.array([-1, 1, -1, 1, -1, 1], np.float64) * 0.05 * (j + 1)
+            obs.misc[f"{link}_pose"] = np.array([0.1 * j, 0, 1 + i / 100, 0, 0, 0, 1], np.float64)
+        if bad is not None and i == 69:
+            obs.misc[bad] = np.zeros(5)
+    ep = raw / "reach_target" / "variation0" / "episodes" / "episode0"
+    (ep / "low_dim_obs.pkl").write_bytes(pickle.dumps(demo, protocol=3))
+    return raw
+
+
+def test_link_boxes_recorded_in_misc_are_kept_and_enable_box_removal(tmp_path, fake_rlbench):
+    from harness.data.meta import RLBENCH18
+
+    _convert(_with_link_boxes(tmp_path, fake_rlbench), tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["robot_link_boxes"] == RLBENCH18.robot_link_boxes
+    ep = LotusLmdbSource(tmp_path / "out", kind="keysteps").read_episode(TV, "episode0")
+    assert ep.bbox_info["Panda_link3_respondable_bbox"].shape == (2, 6)
+    np.testing.assert_allclose(ep.pose_info["Panda_link2_respondable_pose"][:, 2], [1.0, 1.69], rtol=1e-6)
+
+
+def test_a_malformed_link_box_names_the_entry(tmp_path, fake_rlbench):
+    raw = _with_link_boxes(tmp_path, fake_rlbench, bad="Panda_link3_respondable_bbox")
+    with pytest.raises(DataError, match="must hold 6 finite numbers.*at keyframe 1") as err:
+        _convert(raw, tmp_path / "out")
+    assert "[Panda_link3_respondable_bbox]" in str(err.value) and "low_dim_obs.pkl" in str(err.value)
