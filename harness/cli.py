@@ -15,7 +15,7 @@ def _add_data(sub) -> None:
     from harness.data.formats.rlbench_raw import PERACT_CAMERAS
 
     p = sub.add_parser("data", help="generate, inspect and convert keystep datasets")
-    dsub = p.add_subparsers(dest="data_cmd", metavar="{metaworld,convert-rlbench,inspect}")
+    dsub = p.add_subparsers(dest="data_cmd", metavar="{metaworld,convert-rlbench,embed-instructions,inspect}")
     dsub.required = True
 
     mw = dsub.add_parser("metaworld", help="generate the embedded Meta-World suite (CPU, minutes)")
@@ -48,6 +48,13 @@ def _add_data(sub) -> None:
     cv.add_argument("--workers", type=int, default=1, help="processes, one task-variation each (default 1)")
     cv.add_argument("--skip-bad", action="store_true", help="skip unreadable episodes; listed in meta.json")
     cv.add_argument("--no-progress", action="store_true")
+
+    em = dsub.add_parser("embed-instructions", help="write taskvars_instructions.json + instr_embeds_<enc>.npy "
+                         "beside a dataset of any format (e.g. 3DFA zarr stores)")
+    em.add_argument("path")
+    em.add_argument("--encoder", default="clip", help="clip (falls back to hash without the weights) | hash")
+    em.add_argument("--format", default=None, help="force a format (default: detect)")
+    em.add_argument("--out", default=None, help="folder to write to (default: the dataset folder)")
 
     ins = dsub.add_parser("inspect", help="summarise a dataset folder")
     ins.add_argument("path")
@@ -247,6 +254,14 @@ def _data(args) -> int:
                   "the instruction is the task name")
         for tv, bad in s["skipped"].items():
             print(f"skipped in {tv}: {bad}")
+        return 0
+    if args.data_cmd == "embed-instructions":
+        from harness.data.formats.instructions import embed_instructions
+
+        r = embed_instructions(args.path, encoder=args.encoder, fmt=args.format, out=args.out)
+        fell_back = f" (FELL BACK from {args.encoder}; the warning above says why)" if r["encoder"] != args.encoder else ""
+        print(f"wrote {r['instructions']} ({r['taskvars']} task-variations) and {r['embeds']} "
+              f"({r['texts']} instructions, encoder {r['encoder']}{fell_back})")
         return 0
     if args.data_cmd == "inspect":
         from harness.data.inspect import format_summary, inspect_dataset, render_keystep

@@ -38,7 +38,9 @@ from harness.config import ConfigError, RunConfig, validate_config
 from harness.data.collate import batch_to, collate_keysteps
 from harness.data.dataset import KeystepDataset
 from harness.data.errors import DataError
+from harness.data.formats import has_split, open_source
 from harness.data.formats.instructions import find_instruction_files, read_instr_embeds
+from harness.data.formats.lotus_lmdb import LotusLmdbSource
 from harness.data.meta import resolve_meta
 from harness.data.sampler import ResumableBatchSampler
 from harness.diffusion import SamplerConfig, make_sampler
@@ -120,6 +122,11 @@ def dataset_info(cfg: RunConfig) -> DataInfo:
         meta, _ = resolve_meta(path, d.meta_preset)
         embeds = Path(d.embeds) if d.embeds else find_instruction_files(path).get("embeds")
         widths = {int(v.shape[1]) for v in read_instr_embeds(embeds).values()} if embeds else set()
+        if not embeds and not LotusLmdbSource.detect(path):  # a format that stores embeddings itself (3DDA)
+            source = open_source(path, split=d.split)
+            if hasattr(source, "instruction_embeddings"):
+                embeds = f"{path} (the format's own instruction embeddings)"
+                widths = {int(v.shape[1]) for v in source.instruction_embeddings().values()}
     except DataError as e:
         raise ConfigError(f"data.path={d.path!r}: {e}") from None
     if len(widths) > 1:
@@ -153,7 +160,7 @@ def build_datasets(cfg: RunConfig, policy, world_size: int = 1) -> tuple[Keystep
                   "require_text": spec.text_dim is not None}
     path = Path(d.path).expanduser()
     train = KeystepDataset(path, split=d.split, transform=spec.transform(True, d.num_points), **common)
-    eval_split = d.val_split if (path / d.val_split / d.kind).is_dir() else d.split
+    eval_split = d.val_split if has_split(path, d.val_split, d.kind) else d.split
     if eval_split == d.split:
         log.warning("no held-out split %r under %s: evaluating on %r without augmentation", d.val_split, path,
                     d.split)

@@ -55,9 +55,9 @@ class KeystepDataset(Dataset):
 
             self.source = (LotusLmdbSource(self.path, split=split, kind=kind)
                            if fmt == "lotus_lmdb" or LotusLmdbSource.detect(self.path)
-                           else open_source(self.path))
+                           else open_source(self.path, split=split))
         else:
-            self.source = open_source(self.path, fmt)
+            self.source = open_source(self.path, fmt, split=split)
         if meta is not None:
             self.meta, self.meta_source = meta, "argument"
         else:
@@ -136,6 +136,9 @@ class KeystepDataset(Dataset):
         self.taskvar_instructions = (read_taskvar_instructions(self.instructions_path)
                                      if self.instructions_path else {})
         self.embeds = read_instr_embeds(self.embeds_path) if self.embeds_path else {}
+        if hasattr(self.source, "instruction_embeddings"):  # formats that store embeddings, not text (3DDA)
+            for text, tokens in self.source.instruction_embeddings().items():
+                self.embeds.setdefault(text, tokens)
 
     def instructions_for(self, taskvar: str) -> list[str]:
         """Paraphrases of a task-variation: the instructions file, the source's own, or the task name."""

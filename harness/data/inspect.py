@@ -19,7 +19,7 @@ from harness.data.validate import check_episode, check_length
 def _open(path: Path, split: str, kind: str, fmt: str | None):
     if fmt in (None, "lotus_lmdb") and LotusLmdbSource.detect(path):
         return LotusLmdbSource(path, split=split, kind=kind)
-    return open_source(path, fmt)
+    return open_source(path, fmt, split=split)
 
 
 def _problem(e: DataError, taskvar: str | None = None) -> dict:
@@ -93,7 +93,7 @@ def inspect_dataset(path: str | os.PathLike, split: str = "train", kind: str = "
             if ep.xyz is not None:
                 points.extend(len(x) for x in ep.xyz)
             elif ep.point_maps is not None:
-                points.extend([int(np.prod(ep.point_maps.shape[1:4]))] * len(ep))
+                points.extend([int(np.prod(ep.point_maps.shape[1:4]))] * len(ep.point_maps))
             if ep.rgb_images is not None:
                 cameras = int(ep.rgb_images.shape[1])
                 image_size = [int(ep.rgb_images.shape[2]), int(ep.rgb_images.shape[3])]

@@ -16,13 +16,16 @@ import shlex
 import shutil
 import struct
 import time
+import warnings
 from pathlib import Path
 
+import blosc
 import numpy as np
 import pytest
+import torch
 
 from harness.data.errors import DataError
-from harness.data.formats import rlbench_raw
+from harness.data.formats import dda_dat, rlbench_raw
 from harness.data.formats.instructions import read_instr_embeds, write_instr_embeds
 from harness.data.formats.rlbench_raw import RLBenchRawSource, load_demo, load_pickle
 from harness.safe_pickle import loads
@@ -433,3 +436,176 @@ def test_instr_embeds_header_must_match_the_pickle(tmp_path):
     with pytest.raises(DataError, match="array it announces") as err:
         read_instr_embeds(path)
     assert str(path) in str(err.value)
+
+
+# ------------------------------------------------------------------------------------ 3DDA packaged episodes
+# ``ep<N>.dat`` = blosc.compress(pickle.dumps([frame_ids, obs, targets, camera_dicts, currents, trajectories]))
+# and ``instructions.pkl``: both hold torch tensors, which pickle through torch._utils._rebuild_tensor_v2,
+# torch.storage._load_from_bytes (torch.load with weights_only=False inside) and collections.OrderedDict.
+
+
+def binbytes(data: bytes) -> bytes:
+    """BINBYTES (protocol 3+)."""
+    return b"B" + struct.pack("<I", len(data)) + data
+
+
+def dda_list(element: bytes, index: int) -> bytes:
+    """A 3DDA 6-element episode list whose element ``index`` is ``element`` (the others empty lists)."""
+    parts = [EMPTY_LIST] * 6
+    parts[index] = element
+    return PROTO[4] + EMPTY_LIST + MARK + b"".join(parts) + APPENDS + STOP
+
+
+class _RunsShell:
+    """Pickles as os.system(cmd) (posix.system on Linux): only used to build torch.save bytes below."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def torch_saved(obj, zipfile: bool = False) -> bytes:
+    """``torch.save(obj)`` bytes; legacy format (``zipfile=False``) is what a pickled storage embeds."""
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=zipfile)
+    return buf.getvalue()
+
+
+def load_from_bytes(data: bytes) -> bytes:
+    return g("torch.storage", "_load_from_bytes") + binbytes(data) + TUPLE1 + REDUCE
+
+
+OD_EMPTY = g("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE
+
+
+def rebuild_v2(storage: bytes, offset: bytes = i1(0), size: bytes = i1(8) + TUPLE1, stride: bytes = i1(1) + TUPLE1,
+               grad: bytes = NEWFALSE, hooks: bytes = OD_EMPTY, extra: bytes = b"") -> bytes:
+    """``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, *extra)``."""
+    return g("torch._utils", "_rebuild_tensor_v2") + MARK + storage + offset + size + stride + grad + hooks \
+        + extra + TUPLE + REDUCE
+
+
+def _storage8() -> bytes:
+    """A real pickled storage of 8 float32 (0..7), as torch's TypedStorage.__reduce__ writes it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, (data,) = torch.arange(8, dtype=torch.float32)._typed_storage().__reduce__()
+    return load_from_bytes(data)
+
+
+# name -> (builder(marker) -> pickle bytes, refused global the error must name); every one runs under 3DDA's
+# own loader, pickle.loads(blosc.decompress(...)) (test_dda_corpus_is_live)
+DDA_PAYLOADS = {
+    "dda_os_system_among_targets": (lambda m: dda_list(EMPTY_LIST + os_system_call(touch(m)) + APPEND, 2),
+                                    "os.system"),
+    "dda_eval_in_camera_dict": (
+        lambda m: dda_list(EMPTY_LIST + EMPTY_DICT + u("front") + g("builtins", "eval") + u(shell_code(m))
+                           + TUPLE1 + REDUCE + SETITEM + APPEND, 3), "builtins.eval"),
+    "dda_numpy_dtypes_route_as_observations": (lambda m: dda_list(eval_via_numpy_dtypes(shell_code(m)), 1),
+                                               "numpy.dtypes.__builtins__.get"),
+    "dda_object_array_as_observations": (lambda m: dda_list(object_array(os_system_call(touch(m))), 1),
+                                         "os.system"),
+    "dda_tensor_storage_runs_shell": (  # torch's own _load_from_bytes: torch.load(weights_only=False)
+        lambda m: dda_list(EMPTY_LIST + rebuild_v2(load_from_bytes(torch_saved(_RunsShell(touch(m)))))
+                           + APPEND, 4), "posix.system"),
+    "dda_tensor_storage_runs_shell_zipfile": (
+        lambda m: dda_list(EMPTY_LIST + load_from_bytes(torch_saved(_RunsShell(touch(m)), zipfile=True))
+                           + APPEND, 5), "posix.system"),
+}
+
+
+def _dda_dat(tmp_path, data):
+    path = tmp_path / "train" / "close_jar+0" / "ep0.dat"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(blosc.compress(data))
+    return path, lambda: dda_dat.DdaDatSource(tmp_path).read_episode("close_jar+0", "ep0")
+
+
+def _dda_instructions(tmp_path, data):
+    rgb = np.zeros((1, 1, 2, 2, 3), np.uint8)
+    dda_dat.write_dda_episode(tmp_path / "train" / "close_jar+0" / "ep0.dat", rgb, np.zeros(rgb.shape),
+                              np.zeros((1, 8)), np.zeros((1, 8)), ["front"])
+    path = _replace(tmp_path / "instructions.pkl", data)
+    return path, lambda: dda_dat.DdaDatSource(tmp_path).instructions("close_jar+0")
+
+
+DDA_LOADERS = {"dda_dat_read_episode": _dda_dat, "dda_instructions_pkl": _dda_instructions}
+
+
+@pytest.mark.parametrize("name", sorted(DDA_PAYLOADS))
+def test_dda_corpus_is_live(tmp_path, name):
+    build, _ = DDA_PAYLOADS[name]
+    marker = tmp_path / "pwned"
+    with contextlib.suppress(Exception):  # _rebuild_tensor_v2 fails on os.system's int, after it ran
+        pickle.loads(blosc.decompress(blosc.compress(build(marker))))
+    assert marker.exists(), f"payload {name} did not run under 3DDA's loader"
+
+
+@pytest.mark.parametrize("loader", sorted(DDA_LOADERS))
+@pytest.mark.parametrize("name", sorted(PAYLOADS) + sorted(DDA_PAYLOADS))
+def test_dda_loaders_refuse_malicious_pickles(tmp_path, name, loader):
+    if name in DDA_PAYLOADS:
+        (build, refused), runs_async = DDA_PAYLOADS[name], False
+    else:
+        build, refused, runs_async = PAYLOADS[name]
+        refused = NPY_REFUSED.get(name, refused)  # no rlbench class is allowed here either
+    marker = tmp_path / "pwned"
+    path, load = DDA_LOADERS[loader](tmp_path, build(marker))
+    try:
+        load()
+    except Exception as e:  # noqa: BLE001 - checked below, after the marker, which matters most
+        err = e
+    else:
+        err = None
+    assert not _wait_for(marker, 0.3 if runs_async else 0.0), f"{name} ran through {loader}: marker created"
+    assert isinstance(err, DataError), f"{loader} on {name}: expected DataError, got {err!r}"
+    assert str(path) in str(err) and refused in str(err), err
+
+
+DDA_MISUSE = {
+    "load_from_bytes_of_text": (PROTO[2] + g("torch.storage", "_load_from_bytes") + u("x") + TUPLE1 + REDUCE + STOP,
+                                "called with a builtins.str object, not bytes"),
+    "load_from_bytes_gives_a_dict": (PROTO[4] + load_from_bytes(torch_saved({"a": 1})) + STOP,
+                                     "gave a builtins.dict, not a torch TypedStorage"),
+    "load_from_bytes_gives_a_tensor": (PROTO[4] + load_from_bytes(torch_saved(torch.ones(2))) + STOP,
+                                       "not a torch TypedStorage"),
+    "ordered_dict_with_items": (PROTO[2] + g("collections", "OrderedDict") + EMPTY_LIST + TUPLE1 + REDUCE + STOP,
+                                "collections.OrderedDict called with arguments"),
+    "ordered_dict_setitem": (PROTO[2] + OD_EMPTY + u("k") + u("v") + SETITEM + STOP,
+                             "SETITEM on a collections.OrderedDict object"),
+    "rebuild_over_plain_bytes": (PROTO[4] + rebuild_v2(binbytes(b"A" * 32)) + STOP,
+                                 "not one made by torch.storage._load_from_bytes"),
+    "rebuild_past_the_storage": (PROTO[4] + rebuild_v2(_storage8(), size=i1(9) + TUPLE1) + STOP,
+                                 "reach element 8 of a storage of 8"),
+    "rebuild_offset_past_the_storage": (PROTO[4] + rebuild_v2(_storage8(), offset=b"J\x00\x00\x01\x00",
+                                                              size=i1(1) + TUPLE1) + STOP, "reach element"),
+    "rebuild_negative_stride": (PROTO[4] + rebuild_v2(_storage8(), stride=b"J\xff\xff\xff\xff" + TUPLE1) + STOP,
+                                "stride (-1,) is not a tuple"),
+    "rebuild_with_plain_dict_hooks": (PROTO[4] + rebuild_v2(_storage8(), hooks=EMPTY_DICT) + STOP,
+                                      "only an empty collections.OrderedDict() is allowed"),
+    "rebuild_with_metadata": (PROTO[4] + rebuild_v2(_storage8(), extra=EMPTY_DICT + u("neg") + NEWTRUE + SETITEM)
+                              + STOP, "tensor metadata"),
+    "rebuild_requires_grad_not_bool": (PROTO[4] + rebuild_v2(_storage8(), grad=i1(1)) + STOP,
+                                       "requires_grad a builtins.int object, not a bool"),
+    "rebuild_tensor_v3": (PROTO[2] + g("torch._utils", "_rebuild_tensor_v3") + STOP,
+                          "torch._utils._rebuild_tensor_v3, which is not an allowed global"),
+    "torch_load": (PROTO[2] + g("torch", "load") + STOP, "torch.load, which is not an allowed global"),
+    "torch_float_storage": (PROTO[2] + g("torch", "FloatStorage") + STOP, "torch.FloatStorage, which is not"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DDA_MISUSE))
+def test_dda_torch_globals_cannot_be_misused(name):
+    data, words = DDA_MISUSE[name]
+    with pytest.raises(DataError, match="unsafe pickle") as err:
+        dda_dat.loads(data, path="evil.dat", key="k")
+    assert words in str(err.value) and "path=evil.dat" in str(err.value) and "key=k" in str(err.value)
+
+
+def test_dda_hand_assembled_tensor_still_loads():
+    """The assembler's tensor pickle is the real thing: the misuse cases above differ in one argument each."""
+    back = dda_dat.loads(PROTO[4] + rebuild_v2(_storage8(), offset=i1(2), size=i1(3) + TUPLE1) + STOP)
+    assert torch.equal(back, torch.tensor([2.0, 3.0, 4.0]))
+    assert torch.equal(pickle.loads(PROTO[4] + rebuild_v2(_storage8()) + STOP), torch.arange(8.0))

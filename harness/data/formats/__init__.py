@@ -4,11 +4,16 @@ A source is a class with:
 - ``name`` (str) and ``detect(path) -> bool`` (classmethod: does this folder hold this format?);
 - ``__init__(path)``; ``taskvars() -> list[str]`` ("task+variation");
 - ``episode_keys(taskvar) -> list[str]``; ``read_episode(taskvar, key) -> Episode``.
+Optional: ``taskvar_path(taskvar)`` (named in errors), ``instructions(taskvar)`` (the format's own
+paraphrases), ``instruction_embeddings()`` ({instruction: (L, D)} when the format stores embeddings, not
+text), a ``split`` constructor argument and ``has_split(path, split)`` (classmethod) for formats that hold
+several splits under one root.
 ``open_source(path, fmt=None)`` picks the source by name or by detection.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
@@ -36,20 +41,43 @@ def get_source(name: str) -> type:
     return _SOURCES[name]
 
 
-def open_source(path: str | os.PathLike, fmt: str | None = None):
-    """Open the episode source at ``path``: by format name, or the first registered format that detects."""
+def _accepted(cls: type, options: dict) -> dict:
+    """The entries of ``options`` that ``cls.__init__`` takes (``split`` means nothing to a raw folder)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
+def open_source(path: str | os.PathLike, fmt: str | None = None, **options):
+    """Open the episode source at ``path``: by format name, or the first registered format that detects.
+    ``options`` (e.g. ``split="val"``) go to the source when its constructor takes them."""
     _load_builtin()
     path = Path(path)
     if not path.exists():
         raise DataError("data folder does not exist", path)
     if fmt is not None:
-        return get_source(fmt)(path)
+        cls = get_source(fmt)
+        return cls(path, **_accepted(cls, options))
     for name in sorted(_SOURCES):
         if _SOURCES[name].detect(path):
-            return _SOURCES[name](path)
+            return _SOURCES[name](path, **_accepted(_SOURCES[name], options))
     raise DataError(f"no registered format recognises this folder; formats: {sorted(_SOURCES)} "
-                    "(point at a folder of <task>+<var> LMDBs, a raw RLBench task folder, "
-                    "or the root of a dataset written by `mdh data metaworld`)", path)
+                    "(point at a folder of <task>+<var> LMDBs, a raw RLBench task folder, a 3DDA "
+                    "Peract_packaged split folder, a 3DFA .zarr store, or the root of a dataset written by "
+                    "`mdh data metaworld` / `mdh data convert-rlbench`)", path)
+
+
+def has_split(path: str | os.PathLike, split: str, kind: str) -> bool:
+    """Does the dataset at ``path`` hold ``split``: ``<path>/<split>/<kind>`` for our LMDB datasets, or what
+    the detected format's ``has_split`` says (3DDA's ``train/`` ``val/``, 3DFA's ``train.zarr``)."""
+    _load_builtin()
+    path = Path(path)
+    if (path / split / kind).is_dir():
+        return True
+    for name in sorted(_SOURCES):
+        cls = _SOURCES[name]
+        if hasattr(cls, "has_split") and cls.detect(path):
+            return bool(cls.has_split(path, split))
+    return False
 
 
 def natural_key(s: str) -> list:
@@ -67,4 +95,4 @@ def parse_taskvar(taskvar: str, path: object = None) -> tuple[str, int]:
 
 def _load_builtin() -> None:
     # Import for the side effect of registration; kept lazy so `import harness.data` stays cheap.
-    from harness.data.formats import lotus_lmdb, rlbench_raw  # noqa: F401
+    from harness.data.formats import dda_dat, flowmatch_zarr, lotus_lmdb, rlbench_raw  # noqa: F401

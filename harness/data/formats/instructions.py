@@ -124,3 +124,48 @@ def _read_json(path):
         raise DataError("file not found", path) from None
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e}", path) from None
+
+
+def embed_instructions(path: str | os.PathLike, encoder: str = "clip", fmt: str | None = None,
+                       out: str | os.PathLike | None = None) -> dict:
+    """Write ``taskvars_instructions.json`` and ``instr_embeds_<encoder>.npy`` for the dataset at ``path``
+    (any registered format, every split found), so training finds the instruction embeddings beside it.
+
+    Instructions come from the format (3DFA's instructions JSON, RLBench's ``variation_descriptions.pkl``,
+    else the task name); formats that already carry embeddings (3DDA's ``instructions.pkl``) keep theirs.
+    ``out``: default ``path`` (the folder holding a ``*.zarr`` store when ``path`` is the store).
+    Existing entries of the instructions file are kept; returns {"instructions", "embeds", "encoder",
+    "taskvars", "texts"}.
+    """
+    from harness.data.formats import has_split, open_source
+    from harness.data.text import get_text_encoder
+
+    path = Path(path)
+    if out is None:
+        out = path.parent if path.suffix == ".zarr" else path
+    out = Path(out)
+    sources = []
+    for split in ("train", "val", "test"):
+        if split == "train" or has_split(path, split, "voxel1cm"):
+            src = open_source(path, fmt, split=split)
+            if split != "train" and getattr(src, "path", None) == getattr(sources[0], "path", None):
+                continue  # a single-split folder: the same source again
+            sources.append(src)
+    instr_path = out / "taskvars_instructions.json"
+    table = read_taskvar_instructions(instr_path) if instr_path.is_file() else {}
+    for src in sources:
+        carried = src.instruction_embeddings() if hasattr(src, "instruction_embeddings") else {}
+        for tv in src.taskvars():
+            texts = (src.instructions(tv) if hasattr(src, "instructions")
+                     else [tv.rpartition("+")[0].replace("_", " ")])
+            if not all(t in carried for t in texts):
+                table[tv] = texts
+    if not table:
+        raise DataError("nothing to embed: every task-variation carries its own instruction embeddings", path)
+    write_taskvar_instructions(instr_path, table)
+    enc = get_text_encoder(encoder)
+    texts = sorted({s for v in table.values() for s in v})
+    embeds_path = out / f"instr_embeds_{enc.name}.npy"
+    write_instr_embeds(embeds_path, dict(zip(texts, enc.encode(texts))))
+    return {"instructions": str(instr_path), "embeds": str(embeds_path), "encoder": enc.name,
+            "taskvars": len(table), "texts": len(texts)}

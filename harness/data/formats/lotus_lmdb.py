@@ -352,8 +352,12 @@ class LotusLmdbSource:
         path = Path(path)
         if not path.is_dir():
             return False
-        if _lmdb_candidates(path):
+        candidates = _lmdb_candidates(path)
+        if any(is_lmdb_dir(p) for p in candidates):
             return True
+        if candidates:  # <task>+<var> folders without data.mdb: ours (reported as empty) unless they hold
+            # another format's episodes (3DDA's Peract_packaged/<split>/<task>+<var>/ep<N>.dat)
+            return not any(next(p.glob("*.dat"), None) for p in candidates)
         return (path / "train" / VOXEL).is_dir() or (path / "train" / KEYSTEPS).is_dir()
 
     def _env(self, taskvar: str) -> lmdb.Environment:
