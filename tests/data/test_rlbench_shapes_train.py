@@ -97,3 +97,15 @@ def test_3dfa_zarr_store_trains_with_embedded_instructions(zarr_root, tmp_path):
     assert (zarr_root / "instr_embeds_hash.npy").is_file()
     record = _train(zarr_root, tmp_path / "run")
     assert record["data"]["eval_split"] == "train"  # no val.zarr
+
+
+def test_cli_inspect_and_embed_instructions_on_3dda_data(dda_root, capsys):
+    from harness.cli import main
+
+    assert main(["data", "inspect", str(dda_root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["episodes"] == 2 and summary["keysteps"] == 2 and summary["format"] == "dda_dat"
+    # instructions.pkl already embeds every task-variation: nothing to write, and nothing is written
+    assert main(["data", "embed-instructions", str(dda_root), "--encoder", "hash"]) != 0
+    assert "carries its own instruction embeddings" in capsys.readouterr().err
+    assert not (dda_root / "taskvars_instructions.json").exists()
