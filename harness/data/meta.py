@@ -217,14 +217,9 @@ PRESETS: dict[str, DatasetMeta] = {"rlbench18": RLBENCH18}
 
 def find_meta(path: str | os.PathLike, max_up: int = 3) -> Path | None:
     """Find ``meta.json`` in ``path`` or up to ``max_up`` parent folders (datasets nest split/format dirs)."""
-    p = Path(path).resolve()
-    for _ in range(max_up + 1):
-        if (p / META_FILENAME).is_file():
-            return p / META_FILENAME
-        if p.parent == p:
-            break
-        p = p.parent
-    return None
+    from harness.data.formats import find_upwards
+
+    return find_upwards(path, (META_FILENAME,), max_up)
 
 
 def resolve_meta(path: str | os.PathLike, preset: str | None = None) -> tuple[DatasetMeta, str]:

@@ -258,14 +258,10 @@ LOADERS = {
 }
 
 
-@pytest.mark.parametrize("loader", sorted(LOADERS))
-@pytest.mark.parametrize("name", sorted(PAYLOADS))
-def test_loaders_refuse_malicious_pickles(tmp_path, name, loader):
-    build, refused, runs_async = PAYLOADS[name]
-    if loader == "read_instr_embeds_npy":
-        refused = NPY_REFUSED.get(name, refused)
+def _expect_refused(tmp_path, make_loader, build, name: str, loader: str, refused: str, runs_async: bool) -> None:
+    """Feed payload ``name`` through ``loader``: no marker file, and a DataError naming file and global."""
     marker = tmp_path / "pwned"
-    path, load = LOADERS[loader](tmp_path, build(marker))
+    path, load = make_loader(tmp_path, build(marker))
     try:
         load()
     except Exception as e:  # noqa: BLE001 - checked below, after the marker, which matters most
@@ -275,6 +271,15 @@ def test_loaders_refuse_malicious_pickles(tmp_path, name, loader):
     assert not _wait_for(marker, 0.3 if runs_async else 0.0), f"{name} ran through {loader}: marker created"
     assert isinstance(err, DataError), f"{loader} on {name}: expected DataError, got {err!r}"
     assert str(path) in str(err) and refused in str(err), err
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_loaders_refuse_malicious_pickles(tmp_path, name, loader):
+    build, refused, runs_async = PAYLOADS[name]
+    if loader == "read_instr_embeds_npy":
+        refused = NPY_REFUSED.get(name, refused)
+    _expect_refused(tmp_path, LOADERS[loader], build, name, loader, refused, runs_async)
 
 
 def test_npy_payload_is_live(tmp_path):
@@ -551,17 +556,7 @@ def test_dda_loaders_refuse_malicious_pickles(tmp_path, name, loader):
     else:
         build, refused, runs_async = PAYLOADS[name]
         refused = NPY_REFUSED.get(name, refused)  # no rlbench class is allowed here either
-    marker = tmp_path / "pwned"
-    path, load = DDA_LOADERS[loader](tmp_path, build(marker))
-    try:
-        load()
-    except Exception as e:  # noqa: BLE001 - checked below, after the marker, which matters most
-        err = e
-    else:
-        err = None
-    assert not _wait_for(marker, 0.3 if runs_async else 0.0), f"{name} ran through {loader}: marker created"
-    assert isinstance(err, DataError), f"{loader} on {name}: expected DataError, got {err!r}"
-    assert str(path) in str(err) and refused in str(err), err
+    _expect_refused(tmp_path, DDA_LOADERS[loader], build, name, loader, refused, runs_async)
 
 
 DDA_MISUSE = {

@@ -80,6 +80,34 @@ def has_split(path: str | os.PathLike, split: str, kind: str) -> bool:
     return False
 
 
+def visible_dirs(path: Path) -> list[Path]:
+    """Sub-folders of ``path``, skipping hidden entries (the PerAct zips carry macOS .DS_Store files)."""
+    try:
+        return [p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    except OSError:
+        return []
+
+
+def is_taskvar_name(name: str) -> bool:
+    """True for names of the form ``<task>+<variation>`` (what per-task-variation folders are called)."""
+    task, sep, var = name.rpartition("+")
+    return bool(sep and task and var.isdigit())
+
+
+def find_upwards(path: str | os.PathLike, names: tuple[str, ...], max_up: int = 3) -> Path | None:
+    """The first of ``names`` (relative paths) that is a file in ``path`` or up to ``max_up`` parents,
+    the nearest folder first; None when there is none. Data folders nest split and format folders."""
+    p = Path(path).resolve()
+    for _ in range(max_up + 1):
+        for name in names:
+            if (p / name).is_file():
+                return p / name
+        if p.parent == p:
+            break
+        p = p.parent
+    return None
+
+
 def natural_key(s: str) -> list:
     """Sort key that orders episode2 before episode10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -46,7 +46,14 @@ import torch
 
 from harness.data.episode import ACTION_DIM, Episode
 from harness.data.errors import DataError
-from harness.data.formats import natural_key, parse_taskvar, register_source
+from harness.data.formats import (
+    find_upwards,
+    is_taskvar_name,
+    natural_key,
+    parse_taskvar,
+    register_source,
+    visible_dirs,
+)
 from harness.safe_pickle import _UNPICKLE_ERRORS, SafeUnpickler, _Refused
 
 __all__ = [
@@ -427,30 +434,10 @@ def read_dda_instructions(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def find_dda_instructions(path: str | os.PathLike, max_up: int = 3) -> Path | None:
     """``instructions.pkl`` or ``instructions/peract/instructions.pkl`` in ``path`` or up to ``max_up``
     parents (the nearest folder wins); None when there is none."""
-    p = Path(path).resolve()
-    for _ in range(max_up + 1):
-        for name in INSTRUCTION_FILES:
-            if (p / name).is_file():
-                return p / name
-        if p.parent == p:
-            break
-        p = p.parent
-    return None
+    return find_upwards(path, INSTRUCTION_FILES, max_up)
 
 
 # --------------------------------------------------------------------------------------------- layout
-
-
-def _visible_dirs(path: Path) -> list[Path]:
-    try:
-        return [p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()]
-    except OSError:
-        return []
-
-
-def _is_taskvar_name(name: str) -> bool:
-    task, sep, var = name.rpartition("+")
-    return bool(sep and task and var.isdigit())
 
 
 def _dat_files(folder: Path) -> dict[str, Path]:
@@ -465,7 +452,7 @@ def _dat_files(folder: Path) -> dict[str, Path]:
 
 def _is_split_dir(path: Path) -> bool:
     """A folder with at least one ``<task>+<var>`` sub-folder holding ``ep<N>.dat`` files."""
-    return any(_is_taskvar_name(p.name) and _dat_files(p) for p in _visible_dirs(path))
+    return any(is_taskvar_name(p.name) and _dat_files(p) for p in visible_dirs(path))
 
 
 # --------------------------------------------------------------------------------------------- source
@@ -502,7 +489,7 @@ class DdaDatSource:
         elif _is_split_dir(root / split):
             self.path = root / split
         else:
-            splits = [p.name for p in _visible_dirs(root) if _is_split_dir(p)]
+            splits = [p.name for p in visible_dirs(root) if _is_split_dir(p)]
             raise DataError(f"no 3DDA split {split!r} here: expected <split>/<task>+<variation>/ep<N>.dat"
                             + (f"; splits found: {splits}" if splits else
                                " (point at Peract_packaged/ or Peract_packaged/train/)"), root)
@@ -516,7 +503,7 @@ class DdaDatSource:
                             self.path)
         self._explicit_instructions = Path(instructions) if instructions is not None else None
         self._embeds: dict[str, np.ndarray] | None = None
-        found = sorted((p for p in _visible_dirs(self.path) if _is_taskvar_name(p.name)),
+        found = sorted((p for p in visible_dirs(self.path) if is_taskvar_name(p.name)),
                        key=lambda p: natural_key(p.name))
         self._episodes: dict[str, dict[str, Path]] = {}
         self._bad: dict[str, DataError] = {}

@@ -65,7 +65,7 @@ import numpy as np
 
 from harness.data.episode import ACTION_DIM, Episode
 from harness.data.errors import DataError
-from harness.data.formats import natural_key, parse_taskvar, register_source
+from harness.data.formats import find_upwards, natural_key, parse_taskvar, register_source
 
 # 3DFA's PerAct-18 list: PERACT_TASKS in pairlab/3d_flowmatch_actor@4e901b0efda25c36cb546b66c082e375b383e067
 # datasets/rlbench.py (what PeractDataset maps task_id with), the same list and order as the `tasks` that
@@ -384,15 +384,7 @@ class FlowMatchZarrSource:
         up to 3 parents (nearest first); None when there is none."""
         if self._instructions_arg is not None:
             return self._instructions_arg
-        p = self.path.resolve()
-        for _ in range(4):
-            for rel in INSTRUCTIONS_FILES:
-                if (p / rel).is_file():
-                    return p / rel
-            if p.parent == p:
-                break
-            p = p.parent
-        return None
+        return find_upwards(self.path, INSTRUCTIONS_FILES)
 
     def _table(self) -> dict | None:
         if self._instr_loaded:

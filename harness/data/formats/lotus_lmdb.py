@@ -24,7 +24,7 @@ import numpy as np
 
 from harness.data.episode import Episode
 from harness.data.errors import DataError
-from harness.data.formats import natural_key, parse_taskvar, register_source
+from harness.data.formats import is_taskvar_name, natural_key, parse_taskvar, register_source
 from harness.data.meta import DatasetMeta
 
 KEYSTEPS = "keysteps"
@@ -274,12 +274,6 @@ def detect_lmdb_kind(value: dict, path=None, key=None) -> str:
 
 def is_lmdb_dir(p: Path) -> bool:
     return (p / "data.mdb").is_file()
-
-
-def is_taskvar_name(name: str) -> bool:
-    """True for folder names of the form ``<task>+<variation>`` (what an LMDB folder is called)."""
-    task, sep, var = name.rpartition("+")
-    return bool(sep and task and var.isdigit())
 
 
 def _lmdb_candidates(path: Path) -> list[Path]:

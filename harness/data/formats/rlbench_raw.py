@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from harness.data.episode import Episode
 from harness.data.errors import DataError
-from harness.data.formats import natural_key, parse_taskvar, register_source
+from harness.data.formats import natural_key, parse_taskvar, register_source, visible_dirs
 from harness.data.keyposes import KEYPOSE_RULES, peract_keyposes
 from harness.safe_pickle import SafeUnpickler, safe_load
 
@@ -171,21 +171,13 @@ def read_png(path: str | os.PathLike, key: object = None, packed: bool = False) 
 # --------------------------------------------------------------------------------------------- layout
 
 
-def _visible_dirs(path: Path) -> list[Path]:
-    """Sub-folders of ``path``, skipping hidden entries (the PerAct zips carry macOS .DS_Store files)."""
-    try:
-        return [p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()]
-    except OSError:
-        return []
-
-
 def _is_variation_dir(path: Path) -> bool:
     return (path.is_dir() and (_VARIATION_RE.fullmatch(path.name) is not None or path.name == ALL_VARIATIONS)
             and (path / "episodes").is_dir())
 
 
 def _is_task_dir(path: Path) -> bool:
-    return any(_is_variation_dir(p) for p in _visible_dirs(path))
+    return any(_is_variation_dir(p) for p in visible_dirs(path))
 
 
 def _level(path: Path) -> str | None:
@@ -194,14 +186,14 @@ def _level(path: Path) -> str | None:
         return "variation"
     if _is_task_dir(path):
         return "task"
-    if any(_is_task_dir(p) for p in _visible_dirs(path)):
+    if any(_is_task_dir(p) for p in visible_dirs(path)):
         return "root"
     return None
 
 
 def _episode_dirs(episodes: Path) -> dict[str, Path]:
     """``episodes/`` -> {"episode<k>": folder} in natural order."""
-    eps = {p.name: p for p in _visible_dirs(episodes) if _EPISODE_RE.fullmatch(p.name)}
+    eps = {p.name: p for p in visible_dirs(episodes) if _EPISODE_RE.fullmatch(p.name)}
     return {k: eps[k] for k in sorted(eps, key=natural_key)}
 
 
@@ -269,7 +261,7 @@ class RLBenchRawSource:
 
     def _task_dirs(self) -> list[Path]:
         if self.level == "root":
-            tasks = [p for p in _visible_dirs(self.path) if _is_task_dir(p)]
+            tasks = [p for p in visible_dirs(self.path) if _is_task_dir(p)]
             return sorted(tasks, key=lambda p: natural_key(p.name))
         if self.level == "task":
             return [self.path]
@@ -284,7 +276,7 @@ class RLBenchRawSource:
             if self.level == "variation":
                 var_dirs = [self.path]
             else:
-                var_dirs = [p for p in _visible_dirs(task_dir) if _is_variation_dir(p)]
+                var_dirs = [p for p in visible_dirs(task_dir) if _is_variation_dir(p)]
                 if any(p.name != ALL_VARIATIONS for p in var_dirs):
                     var_dirs = [p for p in var_dirs if p.name != ALL_VARIATIONS]
             for vdir in sorted(var_dirs, key=lambda p: natural_key(p.name)):
