@@ -250,7 +250,7 @@ def _data(args) -> int:
         else:
             print(f"instruction embeddings: {s['text_encoder']}")
         if s["fallback_instructions"]:
-            print(f"no variation_descriptions.pkl with instructions for {s['fallback_instructions']}: "
+            print(f"variation_descriptions.pkl missing or without instruction strings for {s['fallback_instructions']}: "
                   "the instruction is the task name")
         for tv, bad in s["skipped"].items():
             print(f"skipped in {tv}: {bad}")
