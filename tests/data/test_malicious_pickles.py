@@ -604,3 +604,74 @@ def test_dda_hand_assembled_tensor_still_loads():
     back = dda_dat.loads(PROTO[4] + rebuild_v2(_storage8(), offset=i1(2), size=i1(3) + TUPLE1) + STOP)
     assert torch.equal(back, torch.tensor([2.0, 3.0, 4.0]))
     assert torch.equal(pickle.loads(PROTO[4] + rebuild_v2(_storage8()) + STOP), torch.arange(8.0))
+
+
+# ------------------------------------------------------------------------------------ LMDB values
+# msgpack_numpy stores an object array as a pickle and decodes it with pickle.loads: an LMDB episode value
+# is a pickle carrier too. Every payload goes into a value's "xyz" as such an array.
+
+
+def _msgpack_object_array(payload: bytes) -> bytes:
+    import msgpack
+
+    return msgpack.packb({"xyz": [{b"nd": True, b"kind": b"O", b"type": "|O", b"shape": [1], b"data": payload}],
+                          "action": np.zeros((2, 8), np.float32), "key_frameids": [0, 1]},
+                         default=__import__("msgpack_numpy").encode, use_bin_type=True)
+
+
+def _lmdb_with(tmp_path, data: bytes) -> Path:
+    import lmdb
+
+    folder = tmp_path / "lmdbs" / "close_jar+0"
+    folder.mkdir(parents=True)
+    env = lmdb.open(str(folder), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        txn.put(b"episode0", _msgpack_object_array(data))
+    env.close()
+    return folder
+
+
+def _lmdb_unpack(tmp_path, data):
+    from harness.data.formats.lotus_lmdb import unpack
+
+    path = tmp_path / "value.msgpack"
+    return path, lambda: unpack(_msgpack_object_array(data), path, "episode0")
+
+
+def _lmdb_dataset(tmp_path, data):
+    from harness.data.dataset import KeystepDataset
+
+    folder = _lmdb_with(tmp_path, data)
+    return folder, lambda: KeystepDataset(folder.parent, require_text=False, meta_preset="rlbench18")
+
+
+LMDB_LOADERS = {"lotus_lmdb_unpack": _lmdb_unpack, "keystep_dataset_lmdb": _lmdb_dataset}
+
+
+@pytest.mark.parametrize("loader", sorted(LMDB_LOADERS))
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_lmdb_values_refuse_malicious_pickles(tmp_path, name, loader):
+    build, refused, runs_async = PAYLOADS[name]
+    refused = NPY_REFUSED.get(name, refused)  # no rlbench class is allowed in an LMDB value either
+    _expect_refused(tmp_path, LMDB_LOADERS[loader], build, name, loader, refused, runs_async)
+
+
+def test_lmdb_value_with_an_object_dtype_field_is_refused(tmp_path):
+    """A structured dtype with an object field would make np.ndarray read the file's bytes as pointers."""
+    import msgpack
+
+    from harness.data.formats.lotus_lmdb import unpack
+
+    value = msgpack.packb({"xyz": {b"nd": True, b"kind": b"V", b"type": [["a", "|O"]], b"shape": [1],
+                                   b"data": b"\x41" * 8}})
+    with pytest.raises(DataError, match=r"holds Python objects.*\[path=P, key=episode0\]"):
+        unpack(value, "P", "episode0")
+
+
+def test_lmdb_object_arrays_of_plain_data_still_load():
+    from harness.data.formats.lotus_lmdb import pack, unpack
+
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.ones(2, np.float32), np.zeros(3, np.float32)
+    got = unpack(pack({"xyz": ragged}))["xyz"]
+    assert got.dtype == object and got[1].shape == (3,)

@@ -22,6 +22,7 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 
+from harness import safe_pickle
 from harness.data.episode import Episode
 from harness.data.errors import DataError
 from harness.data.formats import is_taskvar_name, natural_key, parse_taskvar, register_source
@@ -37,10 +38,34 @@ def pack(value: dict) -> bytes:
     return msgpack.packb(value, default=msgpack_numpy.encode, use_bin_type=True)
 
 
+def _decode_array(obj: dict, path: object = None, key: object = None):
+    """``msgpack_numpy.decode`` without the two paths that trust the file: an object array (``kind`` b"O")
+    is a pickle, given here to the restricted unpickler (``harness.safe_pickle``) instead of
+    ``pickle.loads``; and a dtype that holds objects is refused before ``np.ndarray`` would read raw bytes
+    from the file as object pointers."""
+    if b"nd" not in obj:
+        return msgpack_numpy.decode(obj)
+    if obj.get(b"kind") == b"O":
+        return safe_pickle.loads(obj[b"data"], path=path, key=key,
+                                 hint="; LMDB values hold numeric numpy arrays only")
+    descr = obj.get(b"type")
+    if obj.get(b"kind") == b"V" and isinstance(descr, list):
+        descr = [tuple(t.decode() if isinstance(t, bytes) else t for t in d) for d in descr]
+    dtype = np.dtype(descr)
+    if dtype.hasobject:
+        raise DataError(f"array of dtype {dtype} holds Python objects; LMDB values hold numeric arrays only",
+                        path, key)
+    return msgpack_numpy.decode(obj)
+
+
 def unpack(data: bytes, path: object = None, key: object = None) -> dict:
-    """Decode one episode value; a corrupt record raises DataError naming the LMDB and key."""
+    """Decode one episode value; a corrupt record raises DataError naming the LMDB and key. Nothing in the
+    value can run code (``_decode_array``)."""
     try:
-        value = msgpack.unpackb(data, object_hook=msgpack_numpy.decode, raw=False, strict_map_key=False)
+        value = msgpack.unpackb(data, object_hook=lambda o: _decode_array(o, path, key), raw=False,
+                                strict_map_key=False)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types for corrupt input
         raise DataError(f"cannot decode msgpack value ({type(e).__name__}: {e})", path, key) from None
     if not isinstance(value, dict):
