@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from harness.config import ConfigError
 
 LOCK_NAME = ".lock"
+log = logging.getLogger(__name__)
 _HELD_IN_THIS_PROCESS: set[str] = set()  # POSIX locks do not exclude the process that holds them
 
 
@@ -30,6 +32,8 @@ class RunFolderBusy(ConfigError):
 def _describe(holder: dict | None) -> str:
     if not holder:
         return "another process (holder not yet written)"
+    if "raw" in holder and "pid" not in holder:
+        return f"an unknown process (unreadable lock note {holder['raw']!r})"
     return f"pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('since', '?')})"
 
 
@@ -48,7 +52,8 @@ def _read_holder(fd: int) -> dict | None:
 class RunLock:
     """``with RunLock(run_dir) as lock:`` owns ``run_dir`` or raises ``RunFolderBusy`` naming the holder.
 
-    ``lock.stale``: the holder recorded by a process that died without releasing (None otherwise).
+    ``lock.stale``: the holder recorded by a process that died without releasing (None otherwise); taking
+    such a lock over logs a WARNING naming that holder (host, pid), whether or not it left a run record.
     """
 
     def __init__(self, run_dir: str | os.PathLike):
@@ -72,7 +77,7 @@ class RunLock:
                     raise
                 raise RunFolderBusy(f"run folder {self.dir} is in use by {_describe(_read_holder(fd))}; "
                                     f"lock file {self.path}") from None
-            self.stale = _read_holder(fd)
+            self.stale = _read_holder(fd)  # a clean release empties the note: one left here is a dead holder's
             me = {"host": socket.gethostname(), "pid": os.getpid(),
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             os.ftruncate(fd, 0)
@@ -84,6 +89,9 @@ class RunLock:
             raise
         self.fd = fd
         _HELD_IN_THIS_PROCESS.add(key)
+        if self.stale is not None:
+            log.warning("run folder %s: took over the lock left by %s, which died without releasing it; "
+                        "lock file %s", self.dir, _describe(self.stale), self.path)
         return self
 
     def release(self) -> None:

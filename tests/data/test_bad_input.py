@@ -53,6 +53,22 @@ def test_truncated_lmdb_cli_is_a_clean_error_not_sigbus(truncated, command):
     assert str(db) in r.stderr and "truncated" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_truncated_lmdb_train_is_a_clean_error_not_sigbus(truncated, tmp_path):
+    """`mdh train` on the same data: exit 2, one error line naming the file, no traceback, no checkpoint."""
+    d, db = truncated
+    run_dir = tmp_path / "run"
+    r = _run("train", "model.preset=tiny", f"data.path={d.root}", "data.name=synthetic", "data.workers=0",
+             "data.num_points=64", "data.eval_keysteps=2", f"hydra.run.dir={run_dir}", "train.B=2", "train.M=2",
+             "train.steps=2", "train.eval_every=2", "train.ckpt_every=2", "train.progress=false")
+    assert r.returncode not in (135, -7), f"killed by SIGBUS: {r.returncode}"
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mdh train: error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "data.mdb" in lines[0] and str(db) in lines[0] and "truncated" in lines[0], lines[0]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (run_dir / "ckpt").exists()
+
+
 def test_truncated_lmdb_dataset_raises_data_error_and_skip_bad_skips_it(truncated):
     d, db = truncated
     code = textwrap.dedent(f"""

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -160,6 +161,11 @@ def _hold_lock(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
+def _takeovers(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "harness.runlock" and r.levelno == logging.WARNING and "took over the lock" in r.getMessage()]
+
+
 def test_second_process_on_a_run_folder_is_refused_and_a_dead_holder_is_taken_over(data, tmp_path, caplog):
     run_dir = tmp_path / "run"
     holder = _hold_lock(run_dir)
@@ -172,13 +178,26 @@ def test_second_process_on_a_run_folder_is_refused_and_a_dead_holder_is_taken_ov
         holder.kill()
         holder.wait()
     assert lock_holder(run_dir) is None  # the kernel dropped the lock with the process
-    lock = RunLock(run_dir).acquire()
-    try:
-        assert lock.stale["pid"] == holder.pid  # the dead holder's note was found and taken over
-    finally:
-        lock.release()
+    # the dead holder never wrote a record: the takeover itself is what warns, naming the holder
     with caplog.at_level(logging.WARNING):
         assert run_training(_cfg(data, steps=2), run_dir)["status"] == "done"
+    warned = _takeovers(caplog)
+    assert len(warned) == 1 and f"pid {holder.pid} on {socket.gethostname()}" in warned[0], caplog.text
+    assert str(run_dir) in warned[0]
+    # a folder released cleanly is taken without a warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run_training(_cfg(data, steps=2), run_dir)["status"] == "done"
+    assert not _takeovers(caplog), caplog.text
+    # the same through RunLock: the dead holder's note is found (lock.stale) and named in the warning
+    second = _hold_lock(run_dir)
+    second.kill()
+    second.wait()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), RunLock(run_dir) as lock:
+        assert lock.stale["pid"] == second.pid and lock.stale["host"] == socket.gethostname()
+    warned = _takeovers(caplog)
+    assert len(warned) == 1 and f"pid {second.pid} on " in warned[0], caplog.text
 
 
 def test_the_same_process_cannot_take_a_folder_twice(tmp_path):
@@ -264,18 +283,59 @@ def test_cli_disk_full_prints_one_line(data, tmp_path):
     assert line and "disk full (ENOSPC)" in line[0] and "last good checkpoint: none yet" in line[0]
 
 
+_KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+
+run_dir, what = Path(sys.argv[1]), sys.argv[2]
+
+
+def die(*args, **kwargs):  # some bytes of the file are out, then the process is killed
+    f = args[1] if what == "checkpoint" else None
+    if f is not None:
+        f.write(b"half a checkpoint")
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if what == "checkpoint":
+    import harness.checkpoint as c
+
+    c.torch.save = die
+    c.save_checkpoint(run_dir / "ckpt" / "last.pt", {"step": 99})
+else:
+    from harness.record import RunRecord
+
+    os.fsync = die  # after the new text is written to the temporary, before it is renamed into place
+    RunRecord(run_dir).update(steps_done=99)
+"""
+
+
+def _killed_mid_write(run_dir: Path, what: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(run_dir), what], cwd=REPO, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+
+
 def test_stale_temporaries_are_removed_on_start(data, tmp_path, caplog):
+    """Temporaries made by the real writers (checkpoint, record) in a process killed mid-write: whatever
+    ``atomic_path`` names them, the next start of the run removes them and only them."""
     run_dir = tmp_path / "run"
     run_training(_cfg(data, steps=2), run_dir)
-    junk = [run_dir / "ckpt" / ".last.pt.a1b2c3d4.tmp", run_dir / ".record.json.zz_9yx8w.tmp"]
-    for p in junk:
-        p.write_bytes(b"x" * 100_000)
+    ours = {p.name for p in run_dir.iterdir()} | {p.name for p in (run_dir / "ckpt").iterdir()}
+    before = {p: p.read_bytes() for p in (run_dir / "ckpt" / "last.pt", run_dir / "record.json")}
+    _killed_mid_write(run_dir, "checkpoint")
+    _killed_mid_write(run_dir, "record")
+    junk = [p for folder in (run_dir, run_dir / "ckpt") for p in folder.iterdir() if p.name not in ours]
+    assert sorted(p.parent.name for p in junk) == ["ckpt", "run"], junk  # one leftover from each kill
+    assert all(p.read_bytes() == b for p, b in before.items())  # the kills left the real files intact
     keep = run_dir / "ckpt" / "notes.tmp"  # not one of ours
     keep.write_text("mine")
     with caplog.at_level(logging.WARNING, logger="harness.train"):
-        run_training(_cfg(data, steps=2), run_dir)
-    assert not any(p.exists() for p in junk) and keep.exists()
-    assert "removed 2 temporary files" in caplog.text
+        assert run_training(_cfg(data, steps=2), run_dir)["status"] == "done"
+    assert not [p for p in junk if p.exists()], junk
+    assert keep.exists()
+    assert "removed 2 temporary files" in caplog.text and all(str(p) in caplog.text for p in junk), caplog.text
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])

@@ -177,6 +177,49 @@ def test_data_without_instruction_embeddings_is_refused(tmp_path, synth):
         run_training(cfg, tmp_path / "run")
 
 
+def test_skip_bad_counts_bad_input_in_the_record(tmp_path, synth):
+    """An empty task-variation folder and a one-frame episode: refused by default (nothing trained or
+    written), skipped with data.skip_bad=True and counted, problem by problem, in record.json."""
+    from harness.data.errors import DataError
+    from harness.data.formats.lotus_lmdb import pack
+
+    d = synth.make_dataset(tmp_path / "data", episodes=3, kinds=("voxel1cm",))
+    empty = d.root / "train" / "voxel1cm" / "push_box+1"
+    empty.mkdir()
+    tv, key = "reach_red+1", "episode0"
+    one_frame = dict(d.voxel[tv][key])
+    for k in ("xyz", "rgb", "sem"):
+        one_frame[k] = one_frame[k][:1]
+    one_frame["action"], one_frame["key_frameids"] = one_frame["action"][:1], one_frame["key_frameids"][:1]
+    synth.put_raw(d.lmdb_path("voxel1cm", tv), key, pack(one_frame))
+    problems = {str(empty): "no data.mdb", str(d.lmdb_path("voxel1cm", tv)): "1 keyframe(s), so no keystep"}
+
+    # without skip_bad: refused at the first problem, whichever task-variations are selected
+    named = set()
+    for i, taskvars in enumerate((None, ["push_box+1", "push_box+0"], [tv])):
+        cfg = _cfg(d.root, steps=2, eval_every=2, ckpt_every=2)
+        cfg.data.taskvars = taskvars
+        strict = tmp_path / f"strict{i}"
+        with pytest.raises(DataError) as e:
+            run_training(cfg, strict)
+        assert e.value.path in problems and problems[e.value.path] in str(e.value), str(e.value)
+        assert not (strict / "ckpt").exists() and not (strict / "record.json").exists()
+        named.add(e.value.path)
+    assert named == set(problems)
+
+    cfg = _cfg(d.root, steps=2, eval_every=2, ckpt_every=2)
+    cfg.data.skip_bad = True
+    run_dir = tmp_path / "skip"
+    record = run_training(cfg, run_dir)
+    assert record["status"] == "done" and (run_dir / "ckpt" / "last.pt").exists()
+    on_disk = json.loads((run_dir / "record.json").read_text())
+    skipped = on_disk["data"]["skipped"]
+    assert sum(skipped.values()) == 2, skipped
+    for words in problems.values():
+        assert sum(n for text, n in skipped.items() if words in text) == 1, (words, skipped)
+    assert on_disk["data"]["train_keysteps"] == d.num_keysteps - (d.lengths[tv][key] - 1)
+
+
 def test_cli_batch_larger_than_the_data_is_one_clear_line(train_data, tmp_path):
     out = _run(_overrides(train_data, tmp_path / "r", B=1000))
     assert out.returncode == 2, out.stderr[-2000:]
