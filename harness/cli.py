@@ -130,10 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_bench(sub)
     _add_eval(sub)
-    c = sub.add_parser("checkpoint", help="checkpoint tools: `import-official CKPT OUT_RUN_DIR`")
-    c.add_argument("action", choices=["import-official"])
-    c.add_argument("ckpt", help="a released Mini-Diffuser checkpoint (torch state dict, possibly nested)")
+    c = sub.add_parser("checkpoint", help="checkpoint tools: `import-official CKPT OUT_RUN_DIR`",
+                       description="mdh checkpoint IMPORTER CKPT OUT_RUN_DIR [--model NAME] [--data PATH]: turn "
+                                   "a checkpoint in a foreign format into a run folder, with an importer the policy "
+                                   "offers (PolicyEntry.checkpoint_importers; minidiffuser: import-official, the "
+                                   "released Mini-Diffuser checkpoint).")
+    c.add_argument("action", metavar="IMPORTER", help="an importer of the policy --model, e.g. import-official")
+    c.add_argument("ckpt", help="the checkpoint to import (e.g. a released Mini-Diffuser state dict, possibly nested)")
     c.add_argument("out", help="the run folder to write (must not exist)")
+    c.add_argument("--model", default="minidiffuser", help="the policy whose importer runs (default minidiffuser)")
     c.add_argument("--data", default=None, help="data.path recorded for the run (used by mdh eval)")
     return parser
 
@@ -292,10 +297,11 @@ def _bench(args) -> int:
     if args.bench_cmd == "step":
         from harness.bench.step import BenchInputError, bench_step, format_table
 
-        if args.B < 1:
-            raise SystemExit("mdh bench step: --B must be >= 1")
-        if args.data_batches < 1:
-            raise SystemExit("mdh bench step: --data-batches must be >= 1")
+        for option, value, minimum in (("--B", args.B, 1), ("--data-batches", args.data_batches, 1),
+                                       ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+            if value < minimum:
+                print(f"mdh bench step: error: {option} must be >= {minimum}, got {value}", file=sys.stderr)
+                return 2
         try:
             results = bench_step(args.model, args.preset, args.B, args.M, steps=args.steps, warmup=args.warmup,
                                  device=args.device, data=args.data, split=args.split, kind=args.kind,
@@ -309,17 +315,32 @@ def _bench(args) -> int:
 
 
 def _checkpoint(args) -> int:
-    # the official checkpoint is Mini-Diffuser's own format: this command imports the model package lazily
-    from minidiffuser.official_import import import_official_checkpoint
+    # The importer belongs to the policy (PolicyEntry.checkpoint_importers): the harness imports no model package.
+    from harness.policy import get_policy, policy_names
 
     try:
-        source = import_official_checkpoint(args.ckpt, args.out, args.data)
+        importers = get_policy(args.model).checkpoint_importers
+    except KeyError as e:
+        print(f"mdh checkpoint: error: {e.args[0]}", file=sys.stderr)
+        return 2
+    if args.action not in importers:
+        offered = []
+        for name in policy_names():
+            found = get_policy(name).checkpoint_importers
+            if found:
+                offered.append(f"{name}: {', '.join(sorted(found))}")
+        print(f"mdh checkpoint: error: policy {args.model!r} offers no importer {args.action!r} "
+              f"(its importers: {sorted(importers) or 'none'}); importers by policy: "
+              f"{'; '.join(offered) or 'none'} (choose one with --model NAME)", file=sys.stderr)
+        return 2
+    try:
+        source = importers[args.action](args.ckpt, args.out, args.data)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"mdh checkpoint: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} (Mini-Diffuser paper, official_quirks=true) from {source['path']} "
-          f"(sha256 {source['sha256'][:12]}); evaluate: mdh eval {args.out}; fine-tune: mdh train ... "
-          f"train.init_weights={args.out}")
+    print(f"wrote {args.out} (policy {args.model}, {args.action}: {source.get('imported_from') or 'imported'}) "
+          f"from {source.get('path')} (sha256 {str(source.get('sha256'))[:12]}); evaluate: mdh eval {args.out}; "
+          f"fine-tune: mdh train ... train.init_weights={args.out}")
     return 0
 
 

@@ -73,7 +73,7 @@ class TrainConfig:
     eval_every: int = 200
     ckpt_every: int = 200
     sampler: str = "ddpm"
-    sampler_steps: int | None = None
+    sampler_steps: int | None = None  # null: ddpm all T steps, ddim DEFAULT_DDIM_STEPS = 10 (harness/diffusion.py)
     device: str = "auto"
     recipe_steps: int | None = None
     progress: bool = True
@@ -86,7 +86,7 @@ class ClusterConfig:
 
     ``name``: "local" (one after another, each in a fresh process), "local_parallel" (at most ``max_parallel``
     subprocesses through submitit) or "slurm" (submitit job array). SLURM: ``partition``, ``account``,
-    ``qos``, ``gpus_per_task``, ``cpus_per_task``, ``mem_gb`` (null: the cluster's default),
+    ``qos``, ``gpus_per_task``, ``cpus_per_task``, ``mem_gb`` (> 0; null: the cluster's default),
     ``timeout_min`` (time limit), ``array_parallelism``, ``signal_delay_s`` (SIGUSR2 this long before the
     limit: the run checkpoints and requeues itself), ``max_requeues`` (preemptions / time limits survived
     before the run is left interrupted), ``setup`` (shell lines before the job, e.g. module loads).
@@ -179,6 +179,8 @@ def validate_config(cfg: RunConfig) -> None:
                                 ("cluster.array_parallelism", c.array_parallelism, 1),
                                 ("cluster.signal_delay_s", c.signal_delay_s, 0), ("cluster.max_requeues", c.max_requeues, 0)):
         _positive_int(value, key, minimum)
+    if c.mem_gb is not None:  # null: the cluster's default; 0 is not "the default" but an error
+        _number(c.mem_gb, "cluster.mem_gb", 0, low_open=True)
     if m.name not in policy_names():
         raise ConfigError(f"unknown model {m.name!r}; choices: {policy_names()}")
     if not Path(d.path).expanduser().exists():

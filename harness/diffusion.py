@@ -20,41 +20,56 @@ SCHEDULES = ("scaled_linear", "squaredcos_cap_v2", "zero_snr")
 
 @dataclass
 class ScheduleConfig:
-    """``clip_sample``: clamp each step's x0 estimate to +-``clip_range`` (metres for positions)."""
+    """``schedule``: one of ``SCHEDULES``; ``num_train_timesteps`` T >= 1; ``clip_sample``: clamp each step's
+    x0 estimate to +-``clip_range`` (metres for positions; > 0)."""
 
     schedule: str = "scaled_linear"
     num_train_timesteps: int = 100
     clip_sample: bool = True
     clip_range: float = 1.0
 
+    def validate(self, where: str = "ScheduleConfig") -> ScheduleConfig:
+        """Raise ``ValueError`` naming the field and value; policy configs call it on their ``schedule``."""
+        from harness.policy import check_number
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{where}.schedule: unknown noise schedule {self.schedule!r}; choices: {list(SCHEDULES)}")
+        check_number(self, "num_train_timesteps", 1, integer=True, where=where)
+        check_number(self, "clip_range", 0, low_open=True, where=where)
+        return self
+
 
 def make_train_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {cfg.schedule!r}; choices: {list(SCHEDULES)}")
-    if cfg.num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be >= 1, got {cfg.num_train_timesteps}")
+    cfg.validate()
     beta = "scaled_linear" if cfg.schedule == "zero_snr" else cfg.schedule
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=beta,
                          prediction_type="epsilon", clip_sample=cfg.clip_sample,
                          clip_sample_range=cfg.clip_range, rescale_betas_zero_snr=cfg.schedule == "zero_snr")
 
 
+DEFAULT_DDIM_STEPS = 10  # DDIM steps when none are given (``SamplerConfig.steps`` / ``train.sampler_steps`` null)
+
+
 @dataclass
 class SamplerConfig:
-    """``name``: "ddpm" (all training steps, ancestral) or "ddim" (``steps`` steps, eta 0)."""
+    """``name``: "ddpm" (ancestral, ``steps`` or else all training steps) or "ddim" (eta 0, ``steps`` or else
+    ``DEFAULT_DDIM_STEPS`` = 10 steps)."""
 
     name: str = "ddpm"
     steps: int | None = None
 
 
 def make_sampler(train_scheduler: DDPMScheduler, cfg: SamplerConfig):
-    """A fresh scheduler for sampling, with its timesteps set."""
+    """A fresh scheduler for sampling, with its timesteps set (``cfg.steps`` None: DDPM all training steps,
+    DDIM ``DEFAULT_DDIM_STEPS``)."""
+    if cfg.steps is not None and (isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1):
+        raise ValueError(f"sampler steps must be an integer >= 1 (or None for the default), got {cfg.steps!r}")
     if cfg.name == "ddpm":
         s = DDPMScheduler.from_config(train_scheduler.config)
-        s.set_timesteps(cfg.steps or train_scheduler.config.num_train_timesteps)
+        s.set_timesteps(train_scheduler.config.num_train_timesteps if cfg.steps is None else cfg.steps)
     elif cfg.name == "ddim":
         s = DDIMScheduler.from_config(train_scheduler.config)
-        s.set_timesteps(cfg.steps or 10)
+        s.set_timesteps(DEFAULT_DDIM_STEPS if cfg.steps is None else cfg.steps)
     else:
         raise ValueError(f"unknown sampler {cfg.name!r}; choices: ddpm, ddim")
     return s

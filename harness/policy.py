@@ -164,6 +164,35 @@ def world_actions(actions: torch.Tensor, batch: Mapping) -> torch.Tensor:
     return out
 
 
+# --------------------------------------------------------------------------------------------- config checks
+
+
+def check_number(config: Any, name: str, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 where: str | None = None) -> None:
+    """Raise ``ValueError("<where>.<name> must be ..., got <value>")`` unless ``config.<name>`` (each element,
+    for a tuple) is a finite number (an integer, with ``integer``; never a bool) within [low, high]
+    (``*_open``: the bound itself excluded). ``where``: the name of the config (default: its class name).
+    For the ``validate()`` of policy configs: a bad value is one clear error, never a ZeroDivisionError or a
+    silently odd model."""
+    import math
+    import numbers
+
+    value = getattr(config, name)
+    label = f"{where or type(config).__name__}.{name}"
+    items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+    for i, v in items:
+        key = label if i is None else f"{label}[{i}]"
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or (integer and not isinstance(v, numbers.Integral)):
+            raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"{key} must be a finite number, got {v!r}")
+        if low is not None and (v <= low if low_open else v < low):
+            raise ValueError(f"{key} must be {'>' if low_open else '>='} {low}, got {v!r}")
+        if high is not None and (v >= high if high_open else v > high):
+            raise ValueError(f"{key} must be {'<' if high_open else '<='} {high}, got {v!r}")
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 
@@ -175,7 +204,12 @@ class PolicyEntry:
     which becomes the Hydra schema of ``model.options`` (every field settable, type-checked at compose);
     ``build(config, data_info) -> Policy``; ``presets``: named field values (``model.preset``), applied
     under the user's options; ``default_preset``: the preset used when none is given; ``variants``: named
-    option sets (e.g. another Level-2 strategy) that the conformance suite checks as well as the preset.
+    option sets (e.g. another Level-2 strategy) that the conformance suite checks as well as the preset;
+    ``checkpoint_importers``: name -> ``importer(ckpt, out_dir, data_path) -> dict`` turning a checkpoint in
+    some foreign format into a run folder (``mdh checkpoint NAME CKPT OUT_RUN_DIR --model <policy>``); the
+    returned dict describes the source (``path``, ``sha256``, ``imported_from``, as record.json's
+    ``weights_source``). An importer raises ``FileNotFoundError``, ``FileExistsError`` or ``ValueError`` for
+    bad input (reported in one line).
     """
 
     name: str
@@ -185,10 +219,14 @@ class PolicyEntry:
     default_preset: str | None = None
     description: str = ""
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    checkpoint_importers: Mapping[str, Callable[..., dict]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not dataclasses.is_dataclass(self.config_class):
             raise TypeError(f"PolicyEntry {self.name!r}: config_class must be a dataclass")
+        for key, importer in self.checkpoint_importers.items():
+            if not callable(importer):
+                raise TypeError(f"PolicyEntry {self.name!r}: checkpoint_importers[{key!r}] is not callable")
         if self.default_preset is not None and self.default_preset not in self.presets:
             raise ValueError(f"PolicyEntry {self.name!r}: default_preset {self.default_preset!r} not in presets "
                              f"{sorted(self.presets)}")

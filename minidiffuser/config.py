@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.diffusion import ScheduleConfig
+from harness.policy import check_number
 
 
 @dataclass
@@ -69,6 +70,19 @@ class MiniDiffuserConfig:
         return 3 if self.head == "decoupled" else 9
 
     def validate(self) -> MiniDiffuserConfig:
+        """Raise ``ValueError`` naming the field and its value for any bad setting (``make_config`` calls it)."""
+        for name in ("in_channels", "text_dim", "context_channels", "enc_channels", "enc_heads", "dec_channels",
+                     "dec_heads", "stem_kernel", "patch_size", "mlp_ratio", "fps_tokens", "transformer_layers",
+                     "transformer_channels", "transformer_heads", "query_channels", "query_heads", "head_hidden",
+                     "num_points"):
+            check_number(self, name, 1, integer=True)
+        for name in ("attn_drop", "proj_drop", "head_dropout"):  # dropout probabilities
+            check_number(self, name, 0, 1, high_open=True)
+        check_number(self, "grid_size", 0, low_open=True)  # metres of the finest voxel
+        check_number(self, "euler_resolution", 0, 360, low_open=True)  # degrees per rotation bin
+        for name in ("rot_cond_noise", "pos_weight", "rot_weight", "open_weight"):
+            check_number(self, name, 0)
+        self.schedule.validate("MiniDiffuserConfig.schedule")
         n_enc, n_dec = len(self.enc_channels), len(self.dec_channels)
         if len(self.enc_heads) != n_enc or len(self.dec_heads) != n_dec or n_dec != n_enc - 1:
             raise ValueError(f"enc_channels/enc_heads need {n_enc} entries and dec_channels/dec_heads "
@@ -83,6 +97,11 @@ class MiniDiffuserConfig:
                              f"{self.query_channels // self.query_heads}")
         if self.backbone not in ("ptv3", "transformer"):
             raise ValueError(f"unknown backbone {self.backbone!r}; choices: ptv3, transformer")
+        if self.backbone == "transformer" and (self.transformer_channels % self.transformer_heads
+                                               or (self.transformer_channels // self.transformer_heads) % 6):
+            raise ValueError(f"the transformer backbone's 3D RoPE needs transformer_channels "
+                             f"{self.transformer_channels} / transformer_heads {self.transformer_heads} to be a "
+                             "whole head width divisible by 6")
         if self.backbone == "transformer" and self.local_query:
             raise ValueError("local_query looks up voxels of the ptv3 U-Net levels; set local_query=false "
                              "with backbone=transformer")

@@ -135,7 +135,16 @@ def build(config: MiniDiffuserConfig, data_info: DataInfo | None = None) -> Mini
     return MiniDiffuser(config)
 
 
+def import_official(ckpt, out_dir, data_path: str | None = None) -> dict:
+    """``mdh checkpoint import-official CKPT OUT_RUN_DIR``: the released checkpoint -> a run folder
+    (minidiffuser/official_import.py: ``import_official_checkpoint``)."""
+    from minidiffuser.official_import import import_official_checkpoint
+
+    return import_official_checkpoint(ckpt, out_dir, data_path)
+
+
 # Declared in pyproject.toml: [project.entry-points."mdh.policies"] minidiffuser = "minidiffuser.policy:ENTRY"
 ENTRY = PolicyEntry(name="minidiffuser", config_class=MiniDiffuserConfig, build=build, presets=PRESETS,
                     default_preset="small",
-                    description="Mini-Diffuser: PTv3-style point U-Net encoded once, light sample-query stream")
+                    description="Mini-Diffuser: PTv3-style point U-Net encoded once, light sample-query stream",
+                    checkpoint_importers={"import-official": import_official})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.policy import check_number
+
 LEVEL2_MODES = ("replicate", "loop", "shared")
 SCHEDULES = ("scaled_linear", "squaredcos_cap_v2")
 LEVELS = ("res1", "res2", "res3", "res4", "res5")
@@ -83,6 +85,17 @@ class DiffuserActorConfig:
         return 9  # normalised position (3) + 6D rotation (6)
 
     def validate(self) -> DiffuserActorConfig:
+        """Raise ``ValueError`` naming the field and its value for any bad setting (``make_config`` calls it)."""
+        for name in ("embedding_dim", "num_heads", "backbone_layers", "backbone_width", "text_dim",
+                     "num_vis_ins_attn_layers", "n_hist", "history_layers", "fps_factor", "cross_layers",
+                     "self_layers", "branch_layers", "num_train_timesteps"):
+            check_number(self, name, 1, integer=True)
+        check_number(self, "lang_dropout", 0, 1, high_open=True)
+        for name in ("pos_weight", "rot_weight", "open_weight", "bounds_buffer"):
+            check_number(self, name, 0)
+        for name in ("workspace_min", "workspace_max"):
+            if getattr(self, name) is not None:
+                check_number(self, name)  # finite numbers
         C, h = self.embedding_dim, self.num_heads
         if C % h:
             raise ValueError(f"embedding_dim {C} is not divisible by num_heads {h}")
@@ -97,12 +110,8 @@ class DiffuserActorConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if len(self.backbone_layers) != 4 or min(self.backbone_layers) < 1:
+        if len(self.backbone_layers) != 4:
             raise ValueError(f"backbone_layers needs 4 positive block counts, got {self.backbone_layers}")
-        for name in ("n_hist", "history_layers", "fps_factor", "cross_layers", "self_layers", "branch_layers",
-                     "num_train_timesteps", "num_vis_ins_attn_layers", "backbone_width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.workspace_min is None) != (self.workspace_max is None):
             raise ValueError("set both workspace_min and workspace_max, or neither")
         if self.workspace_min is not None and (len(self.workspace_min) != 3 or len(self.workspace_max) != 3 or any(

@@ -13,9 +13,10 @@ preset's shape (``harness.bench.synthetic``). Results say which (``inputs``).
   warm-up, so drift in machine load and process-to-process variance (which reached 20 % here between two
   identical processes) hit every M alike. CUDA is synchronised around each step.
 - Memory: each M runs in its own fresh process, because a process's RSS peak only grows: measuring several
-  M in one process would report the running maximum. CPU reports the process RSS peak
-  (``harness.measure.memory.maxrss_bytes``) and the growth over the RSS before the first step; CUDA reports
-  ``max_memory_allocated``/``max_memory_reserved``.
+  M in one process would report the running maximum. The steps run inside the ``MemoryMonitor`` that
+  ``mdh train`` wraps its loop in (``harness.measure.memory``), so the figures and ``memory_source`` names
+  are the run record's (CPU: ``process_rss``, plus the growth over the RSS before the first step; CUDA:
+  NVML, else the allocator's reserved peak, with the allocator peaks beside it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from harness.bench.synthetic import SYNTHETIC_CAMERAS, synthetic_batch
 from harness.config import TrainConfig
 from harness.data.errors import DataError
-from harness.measure.memory import maxrss_bytes
+from harness.measure.memory import MemoryMonitor
 from harness.policy import build_policy, get_policy
 from harness.train_step import TrainStep
 
@@ -239,22 +240,22 @@ def time_interleaved(targets: list[dict], preset: str | None, B: int, Ms: list[i
 
 def peak_memory(model: str, preset: str | None, B: int, M: int, steps: int = 2, device: str = "cpu",
                 options: dict | None = None, **inputs) -> dict:
-    """Peak memory of ``steps`` training steps at one M, meant to run in a fresh process."""
+    """Peak memory of ``steps`` training steps at one M, meant to run in a fresh process.
+
+    Measured as ``mdh train`` measures its loop: a ``harness.measure.memory.MemoryMonitor`` started after
+    the policy is built, so the result has its ``summary()`` keys and ``memory_source`` is one of
+    ``MEMORY_SOURCES`` (``process_rss`` on CPU; on CUDA NVML's per-process figure, else the device-wide
+    figure minus its baseline, else the allocator's reserved peak). ``rss_before_steps_bytes``: the RSS
+    before the first step; ``step_memory_bytes`` (``process_rss`` only): the peak minus it."""
     runner = StepRunner(model, preset, B, device, options=options, **inputs)
     rss_before = psutil.Process().memory_info().rss
-    if runner.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(runner.device)
-    for _ in range(steps):
-        runner.step(M)
-    if runner.device.type == "cuda":
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(runner.device)),
-                "reserved_peak_bytes": int(torch.cuda.max_memory_reserved(runner.device)),
-                "memory_source": "cuda_max_memory_allocated"}
-    peak = maxrss_bytes()
-    if peak is None:  # no ``resource`` module (Windows): the RSS now, a lower bound of the peak
-        peak = psutil.Process().memory_info().rss
-    return {"peak_memory_bytes": int(peak), "memory_source": "process_rss_peak",
-            "rss_before_steps_bytes": int(rss_before), "step_memory_bytes": int(peak - rss_before)}
+    with MemoryMonitor(runner.device) as monitor:
+        for _ in range(steps):
+            runner.step(M)
+    out = {**monitor.summary(), "rss_before_steps_bytes": int(rss_before)}
+    if out["memory_source"] == "process_rss" and out["peak_memory_bytes"] is not None:
+        out["step_memory_bytes"] = int(out["peak_memory_bytes"] - rss_before)
+    return out
 
 
 def _subprocess(func: str, kwargs: dict) -> dict:
@@ -279,6 +280,8 @@ def bench_step(model: str, preset: str | None, B: int, Ms: list[int], steps: int
     image policies read "keysteps"; ``n_batches`` batches) instead of a synthetic one; checked here first,
     so a bad path raises ``BenchInputError`` before any subprocess starts.
     """
+    if steps < 1 or warmup < 0:
+        raise BenchInputError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     targets = parse_targets(model)
     try:  # a bad preset is one line here, not a traceback from a subprocess
         for t in targets:

@@ -134,8 +134,8 @@ def nvml_handle(pynvml, device: torch.device):
 
 def maxrss_bytes() -> int | None:
     """The kernel's peak RSS of this process in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS), or None
-    where ``resource`` does not exist (Windows). The one RSS-peak reader: ``MemoryMonitor`` and
-    ``mdh bench step`` both use it."""
+    where ``resource`` does not exist (Windows). The one RSS-peak reader, used by ``MemoryMonitor`` (which
+    ``mdh train`` and ``mdh bench step`` both measure with)."""
     if resource is None:
         return None
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

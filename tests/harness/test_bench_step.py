@@ -12,6 +12,7 @@ import harness.bench.step as bench
 from harness.bench.step import BenchInputError, StepRunner, bench_step, format_table
 from harness.cli import main
 from harness.config import TrainConfig
+from harness.measure.memory import MEMORY_SOURCES, SUMMARY_KEYS
 from harness.optim import lr_factor
 from harness.train_step import TrainStep
 
@@ -41,7 +42,8 @@ def _check_results(results: list[dict], root, B: int = 2) -> None:
         assert r["input_batches"] >= 2 and f"{r['input_batches']} batches" in r["inputs"]
         assert r["data_kind"] == "voxel1cm" and r["data_split"] == "train"
         assert len(r["step_times_s"]) == 2 and r["step_time_median_s"] > 0
-        assert r["peak_memory_bytes"] > 0 and r["memory_source"] == "process_rss_peak"
+        assert r["peak_memory_bytes"] > 0 and r["memory_source"] == "process_rss"  # as mdh train's record
+        assert r["memory_source"] in MEMORY_SOURCES and set(SUMMARY_KEYS) <= set(r)
         assert r["samples_per_s"] == pytest.approx(B * r["M"] / r["step_time_median_s"])
         assert r["autocast"] == "none"  # CPU: no autocast, as in training
     assert results[0]["time_ratio"] == 1.0 and results[0]["memory_ratio"] == 1.0
@@ -102,12 +104,22 @@ def test_real_batches_cycle_identically_for_every_M(monkeypatch, data_root):
     assert seen[1] == seen[4] == [keys[0], keys[1], keys[0]]
 
 
-def test_synthetic_inputs_are_labelled_and_memory_uses_the_shared_rss_peak(monkeypatch):
+def test_synthetic_inputs_are_labelled_and_memory_uses_the_training_monitor(monkeypatch):
+    """Bench memory goes through the MemoryMonitor `mdh train` measures with: its summary keys and its
+    memory_source names (harness.measure.memory.MEMORY_SOURCES), reading the shared RSS peak."""
+    from harness.measure import memory
+
     runner = StepRunner("minidiffuser", "tiny", B=2)
     assert runner.inputs == "synthetic" and runner.describe()["inputs"] == "synthetic"
-    monkeypatch.setattr(bench, "maxrss_bytes", lambda: 7 * 2**40)  # harness.measure.memory.maxrss_bytes
+    started = []
+    real_start = memory.MemoryMonitor.start
+    monkeypatch.setattr(memory.MemoryMonitor, "start", lambda self: started.append(self) or real_start(self))
+    monkeypatch.setattr(memory, "maxrss_bytes", lambda: 7 * 2**40)
     mem = bench.peak_memory("minidiffuser", "tiny", B=2, M=2, steps=1)
-    assert mem["peak_memory_bytes"] == 7 * 2**40 and mem["memory_source"] == "process_rss_peak"
+    assert len(started) == 1 and str(started[0].device) == "cpu"
+    assert mem["memory_source"] in MEMORY_SOURCES and mem["memory_source"] == "process_rss"
+    assert set(SUMMARY_KEYS) <= set(mem) and mem["nvml_status"].startswith("unavailable")
+    assert mem["peak_memory_bytes"] == mem["rss_peak_bytes"] == 7 * 2**40
     assert mem["step_memory_bytes"] == 7 * 2**40 - mem["rss_before_steps_bytes"]
 
 
@@ -120,6 +132,18 @@ def test_cli_bad_data_is_one_line_exit_2(capsys, tmp_path, data_root, what):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("mdh bench step: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value, message", [("--steps", "0", "--steps must be >= 1, got 0"),
+                                                    ("--steps", "-2", "--steps must be >= 1, got -2"),
+                                                    ("--warmup", "-1", "--warmup must be >= 0, got -1"),
+                                                    ("--B", "0", "--B must be >= 1, got 0"),
+                                                    ("--data-batches", "0", "--data-batches must be >= 1, got 0")])
+def test_cli_bad_counts_are_one_line_exit_2(capsys, monkeypatch, option, value, message):
+    monkeypatch.setattr(bench, "bench_step", lambda *a, **k: pytest.fail("benchmark started with a bad count"))
+    rc = main(["bench", "step", "--preset", "tiny", "--B", "2", "--M", "1", option, value])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"mdh bench step: error: {message}"
 
 
 def test_too_few_keysteps_for_one_batch(data_root):

@@ -39,11 +39,41 @@ def _cfg(**changes) -> RunConfig:
     ({"data__workers": -1}, "data.workers must be an integer >= 0"),
     ({"data__split": ""}, "data.split must be a non-empty folder name"),
     ({"train__sampler": "euler"}, "train.sampler must be one of"),
+    ({"cluster__mem_gb": 0}, "cluster.mem_gb must be > 0, got 0"),
+    ({"cluster__mem_gb": -4}, "cluster.mem_gb must be > 0, got -4"),
+    ({"cluster__mem_gb": float("nan")}, "cluster.mem_gb must be a finite number"),
 ])
 def test_every_numeric_setting_is_range_checked(change, message):
     validate_config(_cfg())  # the defaults are valid
     with pytest.raises(ConfigError, match=message):
         validate_config(_cfg(**change))
+
+
+def test_ddim_without_steps_uses_the_documented_default():
+    """train.sampler=ddim with train.sampler_steps=null is valid (no sweep or config sets the steps) and means
+    DEFAULT_DDIM_STEPS, a named constant documented beside the field and in the README."""
+    import inspect
+    from pathlib import Path
+
+    from harness.config import TrainConfig
+    from harness.diffusion import (
+        DEFAULT_DDIM_STEPS,
+        SamplerConfig,
+        ScheduleConfig,
+        make_sampler,
+        make_train_scheduler,
+    )
+
+    validate_config(_cfg(train__sampler="ddim"))  # null steps stay valid
+    scheduler = make_train_scheduler(ScheduleConfig(num_train_timesteps=100))
+    assert len(make_sampler(scheduler, SamplerConfig("ddim")).timesteps) == DEFAULT_DDIM_STEPS == 10
+    assert len(make_sampler(scheduler, SamplerConfig("ddim", 3)).timesteps) == 3
+    assert len(make_sampler(scheduler, SamplerConfig("ddpm")).timesteps) == 100
+    with pytest.raises(ValueError, match="sampler steps must be an integer >= 1.*got 0"):
+        make_sampler(scheduler, SamplerConfig("ddim", 0))  # 0 is not silently the default
+    documented = f"DEFAULT_DDIM_STEPS = {DEFAULT_DDIM_STEPS}"
+    assert documented in inspect.getsource(TrainConfig)
+    assert documented in (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_record_is_a_versioned_schema(tmp_path):
@@ -65,6 +95,28 @@ def test_record_is_a_versioned_schema(tmp_path):
     (tmp_path / "record.json").write_text("{half")
     with pytest.raises(RecordError, match="not valid JSON"):
         RunRecord(tmp_path).load()
+
+
+def test_record_md_documents_exactly_the_record_schema():
+    """docs/record.md's record.json table has one entry per RecordSchema field: none missing, none extra."""
+    import re
+    from pathlib import Path
+
+    from harness.measure.memory import MEMORY_SOURCES
+    from harness.record import RECORD_FIELDS
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "record.md").read_text()
+    section = text.split("## record.json fields", 1)[1].split("\n## ", 1)[0]
+    documented = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            documented += re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", line.split("|")[1])
+    assert len(documented) == len(set(documented)), sorted(documented)
+    assert set(documented) == set(RECORD_FIELDS), (
+        f"missing from docs/record.md: {sorted(set(RECORD_FIELDS) - set(documented))}; "
+        f"documented but not in RecordSchema: {sorted(set(documented) - set(RECORD_FIELDS))}")
+    memory_row = next(line for line in section.splitlines() if line.startswith("| `memory` |"))
+    assert all(f"`{source}`" in memory_row for source in MEMORY_SOURCES)
 
 
 def test_loader_plan_leaves_the_step_its_cores(monkeypatch):

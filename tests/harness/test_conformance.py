@@ -191,6 +191,89 @@ def test_entry_config_and_protocol(name, data_root):
     assert sum(p.numel() for p in policy.parameters() if p.requires_grad) > 0
 
 
+BUILTINS = ("minidiffuser", "diffuser_actor")
+# fields of the built-in configs where 0 is a valid value (probabilities, loss weights, noise, margins) and
+# where any finite number is (coordinates); every other numeric field must be >= 1 or > 0
+ZERO_OK = {"minidiffuser": {"attn_drop", "proj_drop", "head_dropout", "rot_cond_noise", "pos_weight", "rot_weight",
+                            "open_weight"},
+           "diffuser_actor": {"lang_dropout", "pos_weight", "rot_weight", "open_weight", "bounds_buffer"}}
+ANY_FINITE = {"diffuser_actor": {"workspace_min", "workspace_max"}}
+
+
+def _numeric_fields(cls, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], bool]]:
+    """(path, is_tuple) of every int / float / tuple-of-numbers field of a config dataclass, nested included."""
+    import typing
+
+    from harness.policy import _strip_optional
+
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(hint):
+            out += _numeric_fields(hint, (*prefix, f.name))
+        elif hint in (int, float):
+            out.append(((*prefix, f.name), False))
+        elif typing.get_origin(hint) is tuple and set(typing.get_args(hint)) - {Ellipsis} <= {int, float}:
+            out.append(((*prefix, f.name), True))
+    return out
+
+
+def _bad_value_cases() -> list[tuple[str, tuple[str, ...], bool, float]]:
+    cases = []
+    for name in BUILTINS:
+        entry = get_policy(name)
+        for path, is_tuple in _numeric_fields(entry.config_class):
+            for value in (0, -1, float("nan")):
+                if path[-1] in ANY_FINITE.get(name, ()) and math.isfinite(value):
+                    continue
+                if path[-1] in ZERO_OK.get(name, ()) and value == 0:
+                    continue
+                cases.append((name, path, is_tuple, value))
+    return cases
+
+
+def _with_value(entry, preset, path, is_tuple, value) -> dict:
+    """Overrides setting ``path`` (nested) to ``value`` (a tuple field: its first element)."""
+    config = entry.make_config(preset)
+    current = config
+    for p in path:
+        current = getattr(current, p)
+    if is_tuple:
+        value = (value, *(current or (0.5, 0.5, 0.5))[1:])
+    overrides: dict = {}
+    if path[-1] in ("workspace_min", "workspace_max"):  # both or neither; the other one valid
+        overrides = {"workspace_min": (-1.0, -1.0, -1.0), "workspace_max": (1.0, 1.0, 1.0)}
+    node = overrides
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+    return overrides
+
+
+def test_the_range_check_cases_cover_every_field():
+    fields = {(n, p) for n, p, _, _ in _bad_value_cases()}
+    assert ("minidiffuser", ("schedule", "clip_range")) in fields and ("minidiffuser", ("query_heads",)) in fields
+    assert ("diffuser_actor", ("workspace_min",)) in fields and ("diffuser_actor", ("num_heads",)) in fields
+    for name in BUILTINS:  # a value declared valid is accepted
+        entry = get_policy(name)
+        for field_name in ZERO_OK[name]:
+            assert entry.make_config(_preset(name), **{field_name: 0.0}) is not None, field_name
+
+
+@pytest.mark.parametrize("name, path, is_tuple, value", _bad_value_cases(),
+                         ids=lambda v: ".".join(v) if isinstance(v, tuple) else str(v))
+def test_builtin_policy_configs_range_check_every_numeric_field(name, path, is_tuple, value):
+    """0, -1 and nan where invalid: a ValueError naming the field and the value from make_config (what
+    `mdh train` reports as a configuration error), never a ZeroDivisionError or a silently odd model."""
+    entry = get_policy(name)
+    overrides = _with_value(entry, _preset(name), path, is_tuple, value)
+    with pytest.raises(ValueError) as info:
+        entry.make_config(_preset(name), **overrides)
+    message = str(info.value)
+    assert ".".join(path) in message and f"got {value!r}" in message, message
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -318,14 +401,23 @@ def test_state_dict_round_trip_through_a_checkpoint(name, data_root, tmp_path):
     batch = _batches(name, data_root)["eval"]
     x, t = _samples(trained)
 
+    sampler = make_sampler(trained.noise_scheduler, SamplerConfig("ddim", 3))
+
     def outputs(policy):
         with torch.no_grad():
             return _denoise(policy, x, t, _encode(policy, batch))
 
-    before = outputs(fresh)
+    def sample(policy):  # the whole sampling path, heads included, under one seed
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return policy.sample(batch, sampler, generator=torch.Generator().manual_seed(7))
+
+    before, sampled_before = outputs(fresh), sample(fresh)
     fresh.load_state_dict(load_checkpoint(tmp_path / "last.pt")["model"])
     assert not torch.equal(before, outputs(trained))  # two seeds, two models: the test can fail
+    assert not torch.equal(sampled_before, sample(trained))
     assert torch.equal(outputs(fresh), outputs(trained))
+    assert torch.equal(sample(fresh), sample(trained))
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -438,12 +530,77 @@ def test_mdh_train_logs_the_plugin_loss_names_in_metrics_csv(toy_run):
             assert math.isfinite(float(r[key])), (key, r)
 
 
+def test_metrics_csv_averages_steps_csv_since_the_previous_evaluation(toy_run):
+    """Each metrics.csv row's loss terms (the total and the plugin's own) are the means of the steps.csv rows
+    after the previous evaluation up to its step."""
+    run_dir, out = toy_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = _csv_rows(run_dir / "steps.csv")
+    metrics = _csv_rows(run_dir / "metrics.csv")
+    assert len(metrics) == 2
+    previous = 0
+    for row in metrics:
+        step = int(row["step"])
+        window = [r for r in steps if previous < int(r["step"]) <= step]
+        assert len(window) == step - previous
+        for key in ("loss", "noise_mse", "gripper_bce"):
+            mean = sum(float(r[key]) for r in window) / len(window)
+            assert float(row[key]) == pytest.approx(mean, rel=1e-6, abs=0), (key, step)
+        previous = step
+    assert len({round(float(r["loss"]), 9) for r in steps}) > 1  # the steps differ: a mean is not any one row
+
+
 def test_mistyped_plugin_option_fails_at_compose_time(data_root, tmp_path):
     run_dir = tmp_path / "run"
     out = _run(_train_cmd(*_toy_overrides(data_root, run_dir, "model.options.hidden=abc")))
     assert out.returncode != 0
     assert "hidden" in out.stderr + out.stdout
     assert not (run_dir / "record.json").exists()  # refused before the run started
+
+
+def _config_tree(cls) -> dict:
+    """{field: None or nested {...}} of a config dataclass, ``preset`` left out (it is ``model.preset``)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: _config_tree(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else None
+            for f in dataclasses.fields(cls) if f.name != "preset"}
+
+
+def test_mdh_train_help_lists_every_plugin_option():
+    """`mdh train model=toy --help` shows the plugin's typed model.options: every field of its options
+    schema (nested schedule included), null = the preset's value."""
+    import yaml
+
+    out = _run(_train_cmd("model=toy", "--help"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout.split("== Config ==", 1)[1].split("\n", 2)[2].split("Powered by Hydra", 1)[0]
+    model = yaml.safe_load(text)["model"]
+    assert model["name"] == "toy" and model["preset"] == get_policy("toy").default_preset
+
+    def tree(options):
+        return {k: tree(v) if isinstance(v, dict) else None for k, v in options.items()}
+
+    want = _config_tree(get_policy("toy").config_class)  # the plugin's own config, not the derived schema
+    assert {"hidden", "noise_weight", "schedule"} <= set(want) and "clip_range" in want["schedule"]
+    assert tree(model["options"]) == want
+    assert all(v is None for k, v in model["options"].items() if k != "schedule")
+
+
+def test_cli_bench_step_times_the_plugin(monkeypatch, capsys):
+    """`mdh bench step --model toy ...` through the command line's main()."""
+    from harness.cli import main
+
+    env = subprocess_env(TOY_DIR)
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # bench_step's subprocesses inherit os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc = main(["bench", "step", "--model", "toy", "--preset", "tiny", "--B", "2", "--M", "1,2", "--steps", "1",
+               "--warmup", "0", "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["M"], r["preset"]) for r in rows] == [("toy", 1, "tiny"), ("toy", 2, "tiny")]
+    for r in rows:
+        assert r["step_time_median_s"] > 0 and r["peak_memory_bytes"] > 0 and len(r["step_times_s"]) == 1
 
 
 def test_bench_step_times_the_plugin(monkeypatch):

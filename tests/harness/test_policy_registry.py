@@ -61,13 +61,25 @@ def test_minidiffuser_is_found_through_its_entry_point():
     assert build_policy("minidiffuser", preset="tiny", head="joint").action_dim == 9
 
 
+HARNESS_MODULES = ("harness.cli", "harness.bench.step", "harness.evaluate.offline", "harness.train", "harness.policy")
+
+
+def model_packages() -> set[str]:
+    """Top-level packages of every policy declared in ``mdh.policies`` (plus the built-ins' packages)."""
+    return {ep.value.split(":")[0].split(".")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)} | {
+        "minidiffuser", "baselines"}
+
+
 def test_the_harness_imports_no_model_package():
-    code = ("import harness.cli, harness.train, harness.policy, sys; "
-            "print([m for m in sys.modules if m.startswith('minidiffuser')])")
+    forbidden = model_packages()
+    assert {"minidiffuser", "baselines"} <= forbidden
+    code = ("import json, sys\n"
+            f"for m in {HARNESS_MODULES!r}: __import__(m)\n"
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r})))\n")
     out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
                          timeout=300, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip().splitlines()[-1] == "[]", f"the harness imported model packages: {out.stdout}"
 
 
 def test_unknown_policy_lists_choices():
@@ -134,6 +146,38 @@ def test_a_built_policy_missing_contract_members_is_refused(clean_registry):
     register_policy(_dummy_entry())
     with pytest.raises(TypeError, match=r"'_test_dummy' \(NoneType\) lacks \['config', 'input_spec'"):
         build_policy("_test_dummy")
+
+
+def test_checkpoint_importers_come_from_the_policy_registry(clean_registry, tmp_path, capsys):
+    """`mdh checkpoint IMPORTER CKPT OUT [--model NAME]` runs the policy's importer (PolicyEntry.checkpoint_importers):
+    the harness names no model package; a missing importer lists what every policy offers."""
+    from harness.cli import main
+
+    assert callable(get_policy("minidiffuser").checkpoint_importers["import-official"])
+    calls = []
+
+    def importer(ckpt, out, data_path):
+        calls.append((ckpt, out, data_path))
+        if ckpt == "bad.pt":
+            raise ValueError("bad.pt is not a dummy checkpoint")
+        return {"path": ckpt, "sha256": "ab" * 32, "imported_from": "a dummy format"}
+
+    register_policy(dataclasses.replace(_dummy_entry(), checkpoint_importers={"import-dummy": importer}))
+    out = str(tmp_path / "run")
+    assert main(["checkpoint", "import-dummy", "a.pt", out, "--model", "_test_dummy", "--data", "d"]) == 0
+    assert calls == [("a.pt", out, "d")]
+    assert f"wrote {out} (policy _test_dummy, import-dummy: a dummy format) from a.pt" in capsys.readouterr().out
+    assert main(["checkpoint", "import-dummy", "bad.pt", out, "--model", "_test_dummy"]) == 2
+    assert capsys.readouterr().err.strip() == "mdh checkpoint: error: bad.pt is not a dummy checkpoint"
+    assert main(["checkpoint", "import-dummy", "a.pt", out]) == 2  # --model defaults to minidiffuser
+    err = capsys.readouterr().err
+    assert "policy 'minidiffuser' offers no importer 'import-dummy'" in err and len(err.strip().splitlines()) == 1
+    assert "_test_dummy: import-dummy" in err and "minidiffuser: import-official" in err
+    assert main(["checkpoint", "import-official", "a.pt", out, "--model", "no-such-policy"]) == 2
+    assert "unknown policy 'no-such-policy'" in capsys.readouterr().err
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match=r"checkpoint_importers\['x'\] is not callable"):
+        dataclasses.replace(_dummy_entry(), checkpoint_importers={"x": "not a function"})
 
 
 # --------------------------------------------------------------------------------------------- plugins
@@ -224,3 +268,27 @@ def test_isolated_registry_restores_everything(tmp_path):
         assert "toy" in registry._REGISTRY and "old" in registry._PLUGIN_ERRORS
     assert (dict(registry._REGISTRY), dict(registry._PLUGIN_ERRORS), list(sys.path)) == before
     assert "mdh_old" not in sys.modules and "mdh_toy_policy" not in sys.modules
+
+
+# --------------------------------------------------------------------------------------------- the guide
+
+
+def test_new_architecture_guide_numbers_its_steps_and_its_example_config_validates(monkeypatch):
+    """docs/new_architecture.md: steps numbered 1..n once each; its example config range-checks its fields."""
+    import re
+    import types
+
+    text = (REPO / "docs" / "new_architecture.md").read_text()
+    numbers = [int(n) for n in re.findall(r"^## (\d+)\.", text, flags=re.MULTILINE)]
+    assert numbers == list(range(1, len(numbers) + 1)), numbers
+    code = text.split("```python\n# my_policy/model.py\n", 1)[1].split("```", 1)[0]
+    module = types.ModuleType("my_policy_guide_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+    exec(compile(code, "docs/new_architecture.md", "exec"), module.__dict__)  # noqa: S102 - our own documentation
+    entry = module.ENTRY
+    assert entry.make_config("tiny").hidden == 32
+    for bad, message in (({"hidden": 0}, "MyConfig.hidden must be >= 1, got 0"),
+                         ({"dropout": float("nan")}, "MyConfig.dropout must be a finite number, got nan"),
+                         ({"schedule": {"clip_range": -1.0}}, "MyConfig.schedule.clip_range must be > 0, got -1.0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            entry.make_config("tiny", **bad)
