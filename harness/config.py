@@ -86,7 +86,9 @@ class ClusterConfig:
 
     ``name``: "local" (one after another, each in a fresh process), "local_parallel" (at most ``max_parallel``
     subprocesses through submitit) or "slurm" (submitit job array). SLURM: ``partition``, ``account``,
-    ``qos``, ``gpus_per_task``, ``cpus_per_task``, ``mem_gb`` (> 0; null: the cluster's default),
+    ``qos``, ``gpus_per_task``, ``tasks_per_node`` (processes of one run, each a rank on one device; null:
+    one per GPU, else 1; with GPUs it must equal ``gpus_per_task``), ``cpus_per_task`` (per process),
+    ``mem_gb`` (> 0; null: the cluster's default),
     ``timeout_min`` (time limit), ``array_parallelism``, ``signal_delay_s`` (SIGUSR2 this long before the
     limit: the run checkpoints and requeues itself), ``max_requeues`` (preemptions / time limits survived
     before the run is left interrupted), ``setup`` (shell lines before the job, e.g. module loads).
@@ -98,6 +100,7 @@ class ClusterConfig:
     account: str | None = None
     qos: str | None = None
     gpus_per_task: int = 0
+    tasks_per_node: int | None = None  # processes per run (SLURM tasks = torch.distributed ranks); null: gpus_per_task, else 1
     cpus_per_task: int = 2
     mem_gb: float | None = None
     timeout_min: int = 60
@@ -179,6 +182,11 @@ def validate_config(cfg: RunConfig) -> None:
                                 ("cluster.array_parallelism", c.array_parallelism, 1),
                                 ("cluster.signal_delay_s", c.signal_delay_s, 0), ("cluster.max_requeues", c.max_requeues, 0)):
         _positive_int(value, key, minimum)
+    if c.tasks_per_node is not None:
+        _positive_int(c.tasks_per_node, "cluster.tasks_per_node", 1)
+        if c.gpus_per_task and c.tasks_per_node != c.gpus_per_task:
+            raise ConfigError(f"cluster.tasks_per_node={c.tasks_per_node} but cluster.gpus_per_task={c.gpus_per_task}: "
+                              f"a run trains one process per GPU; set cluster.tasks_per_node={c.gpus_per_task} or null")
     if c.mem_gb is not None:  # null: the cluster's default; 0 is not "the default" but an error
         _number(c.mem_gb, "cluster.mem_gb", 0, low_open=True)
     if m.name not in policy_names():

@@ -3,9 +3,11 @@
 A launch is distributed when the environment says ``WORLD_SIZE`` > 1; the variables are torchrun's
 (``python -m torch.distributed.run --nproc_per_node N ...``) and those of the ``env://`` rendezvous:
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``. Any other
-launcher that exports them works too (submitit: ``submitit.helpers.TorchDistributedEnvironment().export()``
-inside the job). Without them (or with ``WORLD_SIZE=1``) nothing here does anything and every helper is a
-no-op, so the one-process path is untouched.
+launcher that exports them works too: ``mdh sweep cluster=slurm`` with ``cluster.gpus_per_task=N`` (or
+``cluster.tasks_per_node=N``) submits one SLURM job of N tasks per run, and each task exports them from
+SLURM's before training (``harness.launch.export_torch_distributed_env``, through
+``submitit.helpers.TorchDistributedEnvironment``). Without them (or with ``WORLD_SIZE=1``) nothing here does
+anything and every helper is a no-op, so the one-process path is untouched.
 
 ``Distributed.from_env()`` reads the variables; ``.init(device_name)`` starts the process group (NCCL on
 CUDA, Gloo on CPU; ``train.device`` decides) and returns this process's device; ``.close()`` tears it down.

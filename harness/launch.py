@@ -165,8 +165,33 @@ def run_state(run_dir: Path) -> tuple[str, dict | None]:
     return observed_status(run_dir, record.get("status") or "pending"), record
 
 
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].strip().lstrip("+~")
+
+
+def check_shadowed(sweep: Sweep, extra: list[str]) -> None:
+    """Command-line overrides that cells set again: the cell's own value wins (it comes last). An override
+    that EVERY cell sets changes no run at all, so it is refused naming the key and the cells; one that some
+    cells set is applied to the others with a warning (shipped workflows rely on that: docs/reproduce.md's
+    data.path beside table2/table3's 3DDA cells, `make quick`'s train.steps beside its 50-step cost cells)."""
+    def cells_text(cells: list[list[str]]) -> str:
+        shown = "; ".join(f"[{' '.join(c)}]" for c in cells[:6])
+        return shown + (f"; ... ({len(cells) - 6} more)" if len(cells) > 6 else "")
+
+    for key in dict.fromkeys(_override_key(o) for o in extra):
+        given = [o for o in extra if _override_key(o) == key][-1]
+        cells = [c for c in sweep.cells if any(_override_key(o) == key for o in c)]
+        if cells and len(cells) == len(sweep.cells):
+            raise ConfigError(f"sweep {sweep.name}: {given!r} from the command line would change no run: every "
+                              f"cell sets {key} itself ({cells_text(cells)}); edit or copy {sweep.path} instead")
+        if cells:
+            log.warning("sweep %s: %r from the command line is NOT applied to %d of %d cells, which set %s "
+                        "themselves: %s", sweep.name, given, len(cells), len(sweep.cells), key, cells_text(cells))
+
+
 def plan_sweep(sweep: Sweep, out_dir: Path, extra: list[str], retry_failed: bool = False) -> list[PlannedRun]:
     """Compose every cell, name its run folder and decide what to do with it."""
+    check_shadowed(sweep, extra)
     planned, seen = [], {}
     for cell, overrides in zip(sweep.cells, sweep.cell_overrides(extra)):
         composed = compose_run(overrides)
@@ -196,7 +221,11 @@ def write_manifest(sweep: Sweep, out_dir: Path, planned: list[PlannedRun], extra
 
 class TrainJob:
     """One run as a submitit job: compose, train (resuming), and on the preemption / time-limit signal
-    checkpoint and requeue itself, at most ``max_requeues`` times."""
+    checkpoint and requeue itself, at most ``max_requeues`` times.
+
+    A job of several SLURM tasks (``tasks_per_run``) is one data-parallel run: every task is one
+    torch.distributed rank (``export_torch_distributed_env``); rank 0 alone holds the run folder, writes the
+    record and checkpoints (harness/train.py), and alone requeues the job or records why it does not."""
 
     def __init__(self, overrides: list[str], run_dir: str, max_requeues: int = 3):
         self.overrides = list(overrides)
@@ -206,12 +235,20 @@ class TrainJob:
     def __call__(self) -> dict:
         from harness.train import run_training
 
+        rank = export_torch_distributed_env()
         cfg, resolved, yaml_text, _ = compose_run(self.overrides)
         try:
             return run_training(cfg, self.run_dir, resolved=resolved, config_yaml=yaml_text,
                                 overrides=self.overrides, launcher=launcher_info())
         except SystemExit as stop:  # StopRequested: the checkpoint is written; the run is resumable
             if os.environ.get("SLURM_JOB_ID") and isinstance(stop.code, int) and stop.code > 128:
+                if rank != 0:
+                    # every rank stopped after the same step and rank 0 has written the record and the
+                    # checkpoint; rank 0 requeues the whole job. Exit status 0: a failed task would make srun
+                    # (--kill-on-bad-exit) end rank 0 before it has requeued
+                    log.info("%s: rank %d stopped by signal %d; rank 0 requeues the job", self.run_dir, rank,
+                             stop.code - 128)
+                    sys.exit(0)
                 self._requeue_or_give_up(stop.code - 128)
             raise
 
@@ -252,6 +289,41 @@ def launcher_info() -> dict:
             "host": os.uname().nodename}
 
 
+def export_torch_distributed_env() -> int:
+    """Inside a submitit job: torch.distributed's ``env://`` variables for this task, which
+    ``harness.distributed.Distributed.from_env`` reads: ``RANK`` (the task's global rank), ``WORLD_SIZE`` (the
+    job's tasks), ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` (the job's first node) and
+    ``MASTER_PORT`` (drawn from the job id: the same in every task of a job, another in each job of an
+    array). Values the job inherited from the submitting shell (``sbatch --export=ALL``) are replaced; one
+    task exports ``WORLD_SIZE=1`` (not distributed). ``CUDA_VISIBLE_DEVICES`` is left alone: every task sees
+    the job's GPUs and takes ``cuda:LOCAL_RANK``. Returns this task's rank (0 outside a submitit job, where
+    nothing is exported)."""
+    import submitit
+
+    try:
+        submitit.JobEnvironment()
+    except RuntimeError:  # called outside a submitit job
+        return 0
+    os.environ.pop("MASTER_PORT", None)  # an inherited port would be shared by every job on the node
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return env.rank
+
+
+def tasks_per_run(cluster) -> int:
+    """Processes of one run on SLURM (SLURM tasks, each a torch.distributed rank on one device):
+    ``cluster.tasks_per_node`` when set, else one per GPU (``cluster.gpus_per_task``), else 1."""
+    gpus = cluster.gpus_per_task or 0
+    tasks = getattr(cluster, "tasks_per_node", None)
+    if tasks is None:
+        return max(1, gpus)
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise ConfigError(f"cluster.tasks_per_node must be an integer >= 1 or null, got {tasks!r}")
+    if gpus and tasks != gpus:
+        raise ConfigError(f"cluster.tasks_per_node={tasks} but cluster.gpus_per_task={gpus}: a run trains one "
+                          f"process per GPU; set cluster.tasks_per_node={gpus} or null")
+    return tasks
+
+
 def _executor(cluster, out_dir: Path):
     import submitit
 
@@ -261,6 +333,16 @@ def _executor(cluster, out_dir: Path):
         params = {"timeout_min": cluster.timeout_min, "cpus_per_task": cluster.cpus_per_task,
                   "tasks_per_node": 1, "nodes": 1, "slurm_signal_delay_s": cluster.signal_delay_s,
                   "slurm_array_parallelism": cluster.array_parallelism, "name": "mdh"}
+        tasks = tasks_per_run(cluster)
+        if tasks > 1:
+            # One process per GPU (or per cluster.tasks_per_node), each a rank of one data-parallel run
+            # (TrainJob exports the torch.distributed variables). sbatch gets --ntasks-per-node through
+            # additional_parameters while submitit's own task count stays 1: every rank returns rank 0's
+            # record, so a job's result is task 0's, and launch() reads it with job.result() (a job of N
+            # submitit tasks would answer only job.results()). --kill-on-bad-exit: a rank that dies ends
+            # the others at once, as torchrun does, rather than leaving them in a collective until its timeout
+            params["slurm_additional_parameters"] = {"ntasks_per_node": tasks}
+            params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         if cluster.gpus_per_task:
             params["gpus_per_node"] = cluster.gpus_per_task
         if cluster.mem_gb:
@@ -277,19 +359,138 @@ def _executor(cluster, out_dir: Path):
     return ex
 
 
+def _child_setup():
+    """The ``preexec_fn`` of a local run's ``mdh train`` (runs in the child between fork and exec; Linux,
+    else None). SIGTERM when the sweep dies (``PR_SET_PDEATHSIG``, kept across exec): a killed sweep leaves
+    no orphan that finishes its run unseen, the run checkpoints and stops as on preemption, and the next
+    sweep resumes it. SIGINT ignored: Ctrl-C reaches the sweep alone, which stops the run with SIGTERM (a
+    run hit by SIGINT itself would end ``failed``, which a re-run skips)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    set_handler = libc.signal
+    set_handler.restype, set_handler.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p]
+    prctl, parent = libc.prctl, os.getpid()
+    sigint, sigterm, sig_ign, pr_set_pdeathsig = int(signal.SIGINT), int(signal.SIGTERM), 1, 1
+
+    def setup() -> None:  # libc calls only, no imports: this runs in a fork of a possibly threaded process
+        set_handler(sigint, sig_ign)  # an ignored signal stays ignored across exec
+        prctl(pr_set_pdeathsig, sigterm)
+        if os.getppid() != parent:  # the sweep died before the prctl: no signal would come
+            os.kill(os.getpid(), sigterm)
+
+    return setup
+
+
+def _tee_stderr(proc: subprocess.Popen, keep: int = 16384):
+    """Copy ``proc``'s stderr to ours as it comes (progress bars included) and keep its last ``keep``
+    characters. Returns (thread, tail list of one string)."""
+    import codecs
+    import contextlib
+    import threading
+
+    tail = [""]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def pump() -> None:  # closes the pipe itself at EOF (a grandchild may hold it open past the child's exit)
+        with proc.stderr:
+            while chunk := os.read(proc.stderr.fileno(), 65536):
+                text = decoder.decode(chunk)
+                tail[0] = (tail[0] + text)[-keep:]
+                with contextlib.suppress(OSError, ValueError):  # our stderr closed: keep the tail anyway
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+
+    thread = threading.Thread(target=pump, name=f"stderr of pid {proc.pid}", daemon=True)
+    thread.start()
+    return thread, tail
+
+
+def _last_error_line(stderr: str) -> str | None:
+    """The line of a failed ``mdh train``'s stderr that says why (Hydra's trailing hint skipped)."""
+    import re
+
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", stderr) if ln.strip()
+             and not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    return lines[-1].removeprefix("mdh train: error: ") if lines else None
+
+
+def _record_text(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / "record.json").read_text()
+    except OSError:
+        return None
+
+
+def _record_early_failure(p: PlannedRun, returncode: int, stderr: str, before: str | None) -> str:
+    """A child that exited with an error without writing its record (refused before the run started, e.g.
+    data.path missing): record ``failed`` with the error line of its stderr, so ``sweep status`` shows it
+    and re-runs skip it unless ``--retry-failed``. Returns the error line."""
+    from harness.runlock import RunFolderBusy, RunLock
+
+    line = _last_error_line(stderr) or f"mdh train exited with status {returncode}"
+    try:
+        with RunLock(p.run_dir):
+            if _record_text(p.run_dir) != before:  # someone else ran it meanwhile and wrote its outcome
+                return line
+            record = RunRecord(p.run_dir)
+            previous = record.load() or {}
+            record.update(status="failed", error=line, traceback=stderr[-4000:],
+                          run_id=previous.get("run_id") or p.run_dir.name,
+                          overrides=previous.get("overrides") or p.overrides,
+                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    except (RunFolderBusy, RecordError, OSError) as e:
+        log.error("run %s: could not record its failure: %s", p.run_dir, e)
+    return line
+
+
 def _train_in_subprocess(p: PlannedRun) -> str:
-    """``mdh train <overrides> hydra.run.dir=<run dir>`` in a child process; its outcome from the record."""
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "train", *p.overrides, f"hydra.run.dir={p.run_dir}"],
-                          check=False)
+    """``mdh train <overrides> hydra.run.dir=<run dir>`` in a child process; its outcome from the record.
+
+    The child dies with the sweep (``_child_setup``); Ctrl-C stops it with SIGTERM (it checkpoints; the run is
+    left ``interrupted``). A child that fails before writing its record gets one (``_record_early_failure``)."""
+    import signal
+
+    before = _record_text(p.run_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "train", *p.overrides, f"hydra.run.dir={p.run_dir}"],
+                            stderr=subprocess.PIPE, preexec_fn=_child_setup())  # noqa: PLW1509 - C calls only
+    reader, tail = _tee_stderr(proc)
+    try:
+        try:
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C of the sweep: stop the run as a preemption does, then stop
+            log.warning("stopping %s: SIGTERM sent, it checkpoints at the end of its step (Ctrl-C again kills it)",
+                        p.run_dir)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            raise
+    finally:
+        reader.join(timeout=10)
     try:
         record = RunRecord(p.run_dir).load() or {}
     except RecordError:
         record = {}
-    if proc.returncode == 0:
+    if returncode == 0:
         return record.get("status") or "?"
+    if 0 < returncode < 128 and _record_text(p.run_dir) == before:  # an error exit before the record: not a kill
+        line = _record_early_failure(p, returncode, tail[0], before)
+        log.error("run %s failed before it started (exit status %d): %s", p.run_dir, returncode, line)
+        return f"failed: {line}"
     error = (record.get("error") or "").strip()
-    log.error("run %s failed (exit status %d): %s", p.run_dir, proc.returncode, error.splitlines()[0] if error else "")
-    return f"failed: {error.splitlines()[0] if error else f'exit status {proc.returncode}'}"
+    first = error.splitlines()[0] if error else f"exit status {returncode}"
+    if record.get("status") == "interrupted":
+        log.warning("run %s interrupted (exit status %d): %s", p.run_dir, returncode, first)
+        return f"interrupted: {first}"
+    log.error("run %s failed (exit status %d): %s", p.run_dir, returncode, first)
+    return f"failed: {first}"
 
 
 def launch(planned: list[PlannedRun], cluster, out_dir: Path, wait: bool = True) -> dict[str, str]:

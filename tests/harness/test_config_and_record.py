@@ -42,6 +42,8 @@ def _cfg(**changes) -> RunConfig:
     ({"cluster__mem_gb": 0}, "cluster.mem_gb must be > 0, got 0"),
     ({"cluster__mem_gb": -4}, "cluster.mem_gb must be > 0, got -4"),
     ({"cluster__mem_gb": float("nan")}, "cluster.mem_gb must be a finite number"),
+    ({"cluster__tasks_per_node": 0}, "cluster.tasks_per_node must be an integer >= 1"),
+    ({"cluster__tasks_per_node": 2, "cluster__gpus_per_task": 4}, "one process per GPU"),
 ])
 def test_every_numeric_setting_is_range_checked(change, message):
     validate_config(_cfg())  # the defaults are valid

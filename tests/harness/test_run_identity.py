@@ -54,6 +54,16 @@ def test_fingerprint_ignores_where_and_how_fast_but_not_what():
     same = dataclasses.replace(base, data=dataclasses.replace(base.data, path="/elsewhere", workers=7),
                                train=dataclasses.replace(base.train, progress=False, ckpt_every=5, device="cpu"))
     assert fingerprint(same) == fingerprint(base)
+    # where a sweep runs is no part of the run: moving it between local and SLURM keeps every run id
+    from harness.config import ClusterConfig
+    from harness.launch import compose_run
+
+    moved = dataclasses.replace(base, cluster=ClusterConfig(
+        name="slurm", partition="gpu", account="lab", qos="high", gpus_per_task=1, cpus_per_task=8, mem_gb=64.0,
+        timeout_min=1440, max_requeues=60, setup=["module load cuda"]))
+    assert fingerprint(moved) == fingerprint(base)
+    assert len({compose_run(o)[3] for o in ([], ["cluster=local_parallel", "cluster.max_parallel=4"],
+                                            ["cluster=slurm", "cluster.partition=gpu", "cluster.timeout_min=1440"])}) == 1
     for changed in (dataclasses.replace(base, train=dataclasses.replace(base.train, lr=1e-2)),
                     dataclasses.replace(base, train=dataclasses.replace(base.train, M=1)),
                     dataclasses.replace(base, model=dataclasses.replace(base.model, options={"rope3d": False})),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from harness.cli import main
@@ -41,12 +44,31 @@ def _mtimes(out: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/record.json")}
 
 
-def test_sweep_runs_each_cell_once_and_rerun_starts_nothing(data, tmp_path):
+def _record(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "record.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _live(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sweep_runs_each_cell_once_and_rerun_starts_nothing(data, tmp_path, monkeypatch):
     path = _sweep_file(tmp_path, data, [["train.M=1"], ["train.M=4", "model.options.rope3d=false"]])
     out = tmp_path / "out"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     planned, outcomes = run_sweep(str(path), [], out=str(out))
     assert [p.state for p in planned] == ["pending", "pending"]
     assert sorted(outcomes.values()) == ["done", "done"]
+    # cluster=local trains every run in a fresh process, so a run's RSS peak is its own and not what an
+    # earlier run of the sweep left in the process
+    pids = [_record(p.run_dir)["owner"]["pid"] for p in planned]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
     names = sorted(p.run_dir.name for p in planned)
     assert names[0] != names[1] and all("-B2-M" in n for n in names)
     first = _mtimes(out)
@@ -81,31 +103,80 @@ def test_failed_runs_are_retried_only_when_asked_and_status_names_died(data, tmp
     assert outcomes == {failed_dir.name: "done"}
 
 
-def test_killed_sweep_finishes_only_the_missing_runs(data, tmp_path):
-    path = _sweep_file(tmp_path, data, [["train.M=1"], ["train.M=2"], ["train.M=3"]], steps=6)
+def test_runs_that_fail_for_real_end_failed_and_are_retried_only_when_asked(data, tmp_path, capsys):
+    """Cell 1 fails in training (its record exists: a missing train.init_weights file is found at step 0);
+    cell 2 fails before its record exists (data.path missing: `mdh train` exits 2 after its checks). Both
+    end `failed` with their error in record.json, show so in `sweep status`, are skipped by a re-run and
+    run again with --retry-failed (cell 2, which then finds its data, finishes)."""
+    nodata = tmp_path / "nodata"
+    path = _sweep_file(tmp_path, data, [["train.M=1", f"train.init_weights={tmp_path / 'missing.pt'}"],
+                                        ["train.M=2", f"data.path={nodata}"]], steps=2)
     out = tmp_path / "out"
+    planned, outcomes = run_sweep(str(path), [], out=str(out))
+    in_training, early = (p.run_dir for p in planned)
+    assert "no checkpoint file" in outcomes[in_training.name] and "does not exist" in outcomes[early.name]
+    assert all(o.startswith("failed: ") for o in outcomes.values()), outcomes
+    first, second = _record(in_training), _record(early)
+    assert first["status"] == "failed" and "train.init_weights" in first["error"] and len(first["launches"]) == 1
+    assert second["status"] == "failed" and second["error"].startswith(f"data.path '{nodata}' does not exist")
+    assert main(["sweep", "status", str(out), "--json"]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[in_training.name]["state"] == rows[early.name]["state"] == "failed"
+    assert "no checkpoint file" in rows[in_training.name]["error"] and "does not exist" in rows[early.name]["error"]
+    planned, outcomes = run_sweep(str(path), [], out=str(out))
+    assert outcomes == {} and [p.state for p in planned] == ["failed", "failed"]
+    assert _record(in_training) == first and _record(early) == second
+    nodata.symlink_to(data)
+    path = _sweep_file(tmp_path, data, [["train.M=2", f"data.path={nodata}"]], steps=2)  # cell 2 alone: cheaper
+    _, outcomes = run_sweep(str(path), [], out=str(out), retry_failed=True)
+    assert outcomes == {early.name: "done"} and _record(early)["steps_done"] == 2
+
+
+def test_killed_sweep_finishes_only_the_missing_runs(data, tmp_path):
+    """cluster=local: Ctrl-C of `mdh sweep` stops its `mdh train` child with SIGTERM (it checkpoints: the run
+    is `interrupted`, not `failed`); SIGKILL of the sweep takes the child with it (SIGTERM on its parent's
+    death, no orphan finishing the run unseen); each re-run resumes that run and finishes only what is
+    missing, leaving finished runs untouched."""
+    middle_cell = ["train.M=2", "train.steps=30", "train.eval_every=30"]  # long enough to be stopped midway
+    path = _sweep_file(tmp_path, data, [["train.M=1"], middle_cell, ["train.M=3"]], steps=4)
+    out = tmp_path / "out"
+    first, middle, last = (p.run_dir for p in plan_sweep(load_sweep(str(path)), out, []))
     cmd = [sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main(sys.argv[1:]))",
            "sweep", str(path), "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = [r for r in out.glob("*/record.json") if json.loads(r.read_text() or "{}").get("status") == "done"]
-        if done and any((p / "ckpt" / "last.pt").exists() for p in out.iterdir() if p.is_dir()
-                        and p.name != done[0].parent.name):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = {k: v for k, v in _mtimes(out).items()
-              if json.loads((out / k / "record.json").read_text()).get("status") == "done"}
-    assert before
+
+    def stop_sweep_midway(how, after_step: int) -> dict:
+        """Start the sweep in a session of its own, stop it with ``how`` once the middle run has checkpointed
+        past ``after_step``; the child must be gone soon after. Returns the middle run's record."""
+        with open(tmp_path / "sweep.err", "w") as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (
+                _record(middle).get("status") == "running"
+                and (_record(middle).get("checkpoint_step") or 0) > after_step):
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "sweep.err").read_text()[-2000:]
+        child = _record(middle)["owner"]["pid"]
+        how(proc)
+        proc.wait(timeout=60)
+        deadline = time.time() + 20
+        while _live(child) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _live(child), "the sweep's `mdh train` child outlived it"
+        return _record(middle)
+
+    ctrl_c = stop_sweep_midway(lambda proc: os.killpg(proc.pid, signal.SIGINT), 0)  # the terminal's Ctrl-C
+    assert ctrl_c["status"] == "interrupted" and len(ctrl_c["launches"]) == 1, ctrl_c["error"]
+    assert _record(first)["status"] == "done" and not (last / "record.json").exists()
+    done_before = _mtimes(out)[first.name]
+    killed = stop_sweep_midway(lambda proc: proc.send_signal(signal.SIGKILL), ctrl_c["checkpoint_step"])
+    assert killed["status"] == "interrupted" and len(killed["launches"]) == 2, killed["error"]
+    assert killed["checkpoint_step"] < killed["steps_total"]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "skipped (done)" in again.stdout
-    rows = sweep_status(out)
-    assert [r["state"] for r in rows] == ["done"] * 3
-    assert all(_mtimes(out)[k] == v for k, v in before.items())  # finished runs untouched
+    assert "skipped (done)" in again.stdout and f"resumed {middle} at step {killed['checkpoint_step']}" in again.stdout
+    assert [r["state"] for r in sweep_status(out)] == ["done"] * 3
+    assert _mtimes(out)[first.name] == done_before  # finished runs untouched
+    assert len(_record(middle)["launches"]) == 3 and _record(middle)["steps_done"] == 30
 
 
 def test_sweep_files_are_checked_before_anything_runs(data, tmp_path):
@@ -140,28 +211,42 @@ def test_shipped_sweeps_compose(name, data, tmp_path, monkeypatch):
     assert len({p.run_dir.name for p in planned}) == len(sweep.cells) >= 1
 
 
-def test_local_parallel_runs_through_submitit(data, tmp_path):
-    path = _sweep_file(tmp_path, data, [["train.M=1"], ["train.M=2"]], steps=2)
+def test_local_parallel_runs_through_submitit_at_most_max_parallel_at_once(data, tmp_path, monkeypatch):
+    """cluster=local_parallel with 3 runs and max_parallel=2: the submitit job processes (this process's
+    children) never number more than 2 at once, and 2 do run together."""
+    path = _sweep_file(tmp_path, data, [["train.M=1"], ["train.M=2"], ["train.M=3"]], steps=2)
     out = tmp_path / "out"
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        me = psutil.Process()
+        while not stop.is_set():
+            peak[0] = max(peak[0], sum(_live(c.pid) for c in me.children()))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         _, outcomes = run_sweep(str(path), ["cluster=local_parallel", "cluster.max_parallel=2"], out=str(out))
     finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
-    assert sorted(outcomes.values()) == ["done", "done"], outcomes
+        stop.set()
+        watcher.join()
+    assert sorted(outcomes.values()) == ["done"] * 3, outcomes
     assert (out / ".submitit").is_dir()
+    assert peak[0] == 2
 
 
-def test_local_runs_each_run_in_a_process_of_its_own(data, tmp_path, monkeypatch):
-    """The `local` cluster trains every run in a fresh process, so a run's RSS peak is its own and not what
-    an earlier run of the sweep left in the process."""
-    path = _sweep_file(tmp_path, data, [["train.M=1"], ["train.M=2"]], steps=2)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    planned, outcomes = run_sweep(str(path), [], out=str(tmp_path / "out"))
-    assert sorted(outcomes.values()) == ["done", "done"], outcomes
-    pids = [json.loads((p.run_dir / "record.json").read_text())["owner"]["pid"] for p in planned]
-    assert len(set(pids)) == 2 and os.getpid() not in pids
+def test_command_line_overrides_that_cells_set_again_are_refused_or_named(data, tmp_path, caplog, capsys):
+    """A cell's own value wins over the command line's: an override every cell sets is refused (it would
+    change no run), one some cells set is applied to the others with a warning naming those cells."""
+    path = _sweep_file(tmp_path, data, [["train.M=1", "train.seed=1"], ["train.M=2"]])
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "train.M=8", "--dry-run", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'train.M=8'" in err and "every cell sets train.M" in err and "[train.M=1 train.seed=1]; [train.M=2]" in err
+    with caplog.at_level(logging.WARNING, logger="harness.launch"):
+        planned, _ = run_sweep(str(path), ["train.seed=5"], out=str(out), dry_run=True)
+    assert "'train.seed=5'" in caplog.text and "1 of 2 cells" in caplog.text and "[train.M=1 train.seed=1]" in caplog.text
+    assert [p.composed[0].train.seed for p in planned] == [1, 5]
+    assert not out.exists()
