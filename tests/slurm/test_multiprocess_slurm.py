@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.launch import launch, load_sweep, plan_sweep, run_sweep, sweep_status
-from tests.harness.test_distributed import REL_TOL
+from tests.harness.test_distributed import REL_TOL, _max_rel_diff
 from tests.plugins.toy_env import TOY_DIR, isolated_registry, subprocess_env
 
 pytestmark = pytest.mark.slurm
@@ -76,15 +76,6 @@ def _rows(run_dir: Path, name: str = "steps.csv") -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _max_rel_diff(a: list[dict], b: list[dict]) -> float:
-    worst = 0.0
-    for ra, rb in zip(a, b, strict=True):
-        for k in KEYS:
-            x, y = float(ra[k]), float(rb[k])
-            worst = max(worst, abs(x - y) / max(abs(x), abs(y), 1e-12))
-    return worst
-
-
 def _record(run_dir: Path) -> dict:
     return json.loads((run_dir / "record.json").read_text())
 
@@ -118,7 +109,7 @@ def test_two_tasks_at_B_equal_one_process_at_2B(data, toy_env, two_task_run, tmp
     assert list(outcomes.values()) == ["done"], outcomes
     one, two = _rows(planned[0].run_dir), _rows(two_task_run)
     assert [r["lr"] for r in one] == [r["lr"] for r in two]
-    diff = _max_rel_diff(one, two)
+    diff = _max_rel_diff(one, two, KEYS)
     print(f"max relative difference 2 SLURM tasks x B=2 vs 1 process x B=4 over {STEPS} steps: {diff:.3g}")
     assert diff <= REL_TOL
 
