@@ -128,7 +128,9 @@ def compose_run(overrides: list[str]) -> tuple[RunConfig, dict, str, str]:
     from omegaconf.errors import OmegaConfBaseException
 
     import harness.train_app  # noqa: F401  (schemas, per-policy model nodes, the fingerprint resolver)
+    from harness.model_schemas import register_model_schemas
 
+    register_model_schemas()  # again: a policy registered after the first import (a plugin loaded later)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="harness.conf", version_base=None):

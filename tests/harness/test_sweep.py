@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -218,11 +219,14 @@ def test_local_parallel_runs_through_submitit_at_most_max_parallel_at_once(data,
     out = tmp_path / "out"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     peak, stop = [0], threading.Event()
+    # children that predate the sweep (e.g. multiprocessing's resource tracker, left by an earlier test's
+    # spawn pool) are not jobs of this sweep
+    before = {c.pid for c in psutil.Process().children()}
 
     def watch() -> None:
         me = psutil.Process()
         while not stop.is_set():
-            peak[0] = max(peak[0], sum(_live(c.pid) for c in me.children()))
+            peak[0] = max(peak[0], sum(_live(c.pid) for c in me.children() if c.pid not in before))
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -250,3 +254,20 @@ def test_command_line_overrides_that_cells_set_again_are_refused_or_named(data, 
     assert "'train.seed=5'" in caplog.text and "1 of 2 cells" in caplog.text and "[train.M=1 train.seed=1]" in caplog.text
     assert [p.composed[0].train.seed for p in planned] == [1, 5]
     assert not out.exists()
+
+
+def test_a_plugin_registered_after_the_first_compose_composes_too():
+    """compose_run stores the model schemas again on every call: a policy registered after harness.train_app
+    was first imported (a plugin put on sys.path later, as the toy is in tests) is found by `model=<name>`.
+    A fresh process, so the first import certainly happens without the plugin."""
+    code = textwrap.dedent("""
+        import harness.train_app  # the schemas of the policies known now: no toy
+        from harness.launch import compose_run
+        from tests.plugins.toy_env import TOY_DIR, isolated_registry
+        with isolated_registry(TOY_DIR):
+            cfg, *_ = compose_run(["model=toy", "model.preset=tiny", "data.path=."])
+        print("composed", cfg.model.name)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "composed toy" in out.stdout, out.stderr[-2000:]
