@@ -601,16 +601,3 @@ def test_cli_bench_step_times_the_plugin(monkeypatch, capsys):
     assert [(r["model"], r["M"], r["preset"]) for r in rows] == [("toy", 1, "tiny"), ("toy", 2, "tiny")]
     for r in rows:
         assert r["step_time_median_s"] > 0 and r["peak_memory_bytes"] > 0 and len(r["step_times_s"]) == 1
-
-
-def test_bench_step_times_the_plugin(monkeypatch):
-    from harness.bench.step import bench_step
-
-    env = subprocess_env(TOY_DIR)
-    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # bench_step's subprocesses inherit os.environ
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    rows = bench_step(model="toy", preset="tiny", B=2, Ms=[1, 4], steps=2, warmup=1)
-    assert [r["M"] for r in rows] == [1, 4]
-    for r in rows:
-        assert r["model"] == "toy" and r["step_time_median_s"] > 0 and r["peak_memory_bytes"] > 0
-        assert len(r["step_times_s"]) == 2
