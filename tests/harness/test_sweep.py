@@ -35,7 +35,8 @@ def _sweep_file(tmp_path: Path, data: Path, cells: list[list[str]], steps: int =
     path = tmp_path / "tiny.yaml"
     common = ["model.preset=tiny", "model.options.shuffle_orders=train", f"data.path={data}", "data.name=synthetic",
               "data.num_points=64", "data.eval_keysteps=2", "data.workers=0", "train.B=2", f"train.steps={steps}",
-              "train.eval_every=2", "train.ckpt_every=2", "train.warmup_steps=1", "train.progress=false"]
+              "train.eval_every=2", "train.ckpt_every=2", "train.warmup_steps=1", "train.progress=false",
+              "train.sampler=ddim", "train.sampler_steps=2"]  # the offline evaluation: 2 sampling steps
     path.write_text(f"description: a tiny test sweep\noverrides: {json.dumps(common)}\n{extra}"
                     f"cells: {json.dumps(cells)}\n")
     return path

@@ -30,7 +30,7 @@ def train_data(tmp_path_factory, synth):
 
 def _overrides(data: Path, run_dir: Path, **train) -> list[str]:
     t = {"B": 2, "M": 4, "steps": 20, "seed": 3, "eval_every": 10, "ckpt_every": 10, "warmup_steps": 2,
-         "progress": False, **train}
+         "progress": False, "sampler": "ddim", "sampler_steps": 2, **train}  # evaluation: 2 sampling steps
     return ["model.preset=tiny", "model.options.shuffle_orders=train", f"data.path={data}", "data.workers=1",
             "data.num_points=64", "data.eval_keysteps=4", "data.name=synthetic", f"hydra.run.dir={run_dir}",
             *[f"train.{k}={v}" for k, v in t.items()]]

@@ -53,7 +53,7 @@ def results(tmp_path_factory, synth) -> Path:
     common = ["model.preset=tiny", "model.options.shuffle_orders=train", f"data.path={data}",
               "data.name=synthetic", "data.num_points=64", "data.eval_keysteps=2", "data.workers=0", "train.B=2",
               "train.steps=4", "train.eval_every=2", "train.ckpt_every=2", "train.warmup_steps=1",
-              "train.progress=false"]
+              "train.progress=false", "train.sampler=ddim", "train.sampler_steps=2"]  # evaluation: 2 steps
     cells = [["train.M=1"], ["train.M=4"], ["train.M=1", "model.options.rope3d=false"]]
     sweep = root / "tiny.yaml"
     sweep.write_text(f"description: the notebooks' test sweep\noverrides: {json.dumps(common)}\n"
