@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.data.errors import DataError
@@ -86,6 +87,20 @@ def visible_dirs(path: Path) -> list[Path]:
         return [p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()]
     except OSError:
         return []
+
+
+def camera_names(cameras, path: object, among: Sequence[str] | None = None) -> list[str] | None:
+    """A reader's ``cameras=`` argument as a list of distinct, non-empty names (one name may be given as a
+    string); None stays None (the format's own order). ``among``: the names the format holds."""
+    if cameras is None:
+        return None
+    names = [str(c) for c in ([cameras] if isinstance(cameras, str) else cameras)]
+    if among is not None:
+        if not names or any(c not in among for c in names) or len(set(names)) != len(names):
+            raise DataError(f"cameras must be distinct names among {list(among)}, got {list(names)!r}", path)
+    elif not names or not all(names) or len(set(names)) != len(names):
+        raise DataError(f"cameras must be a non-empty list of distinct camera names, got {cameras!r}", path)
+    return names
 
 
 def is_taskvar_name(name: str) -> bool:

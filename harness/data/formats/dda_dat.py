@@ -47,6 +47,7 @@ import torch
 from harness.data.episode import ACTION_DIM, Episode
 from harness.data.errors import DataError
 from harness.data.formats import (
+    camera_names,
     find_upwards,
     is_taskvar_name,
     natural_key,
@@ -494,13 +495,7 @@ class DdaDatSource:
                             + (f"; splits found: {splits}" if splits else
                                " (point at Peract_packaged/ or Peract_packaged/train/)"), root)
         self.root, self.split = root, split
-        if isinstance(cameras, str):
-            cameras = [cameras]
-        self.cameras = None if cameras is None else [str(c) for c in cameras]
-        if self.cameras is not None and (not self.cameras or not all(self.cameras)
-                                         or len(set(self.cameras)) != len(self.cameras)):
-            raise DataError(f"cameras must be a non-empty list of distinct camera names, got {cameras!r}",
-                            self.path)
+        self.cameras = camera_names(cameras, self.path)
         self._explicit_instructions = Path(instructions) if instructions is not None else None
         self._embeds: dict[str, np.ndarray] | None = None
         found = sorted((p for p in visible_dirs(self.path) if is_taskvar_name(p.name)),

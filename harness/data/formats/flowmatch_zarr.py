@@ -65,7 +65,7 @@ import numpy as np
 
 from harness.data.episode import ACTION_DIM, Episode
 from harness.data.errors import DataError
-from harness.data.formats import find_upwards, natural_key, parse_taskvar, register_source
+from harness.data.formats import camera_names, find_upwards, natural_key, parse_taskvar, register_source
 
 # 3DFA's PerAct-18 list: PERACT_TASKS in pairlab/3d_flowmatch_actor@4e901b0efda25c36cb546b66c082e375b383e067
 # datasets/rlbench.py (what PeractDataset maps task_id with), the same list and order as the `tasks` that
@@ -154,15 +154,7 @@ class FlowMatchZarrSource:
                             f"with rgb/pcd/proprioception/action/task_id/variation arrays at {split}.zarr"
                             + (f"; stores here: {stores}" if stores else ""), path)
         self.split = split
-        if cameras is None:
-            cameras = CAMERAS
-        elif isinstance(cameras, str):
-            cameras = [cameras]
-        self.cameras = [str(c) for c in cameras]
-        unknown = [c for c in self.cameras if c not in CAMERAS]
-        if not self.cameras or unknown or len(set(self.cameras)) != len(self.cameras):
-            raise DataError(f"cameras must be distinct names among {list(CAMERAS)}, got {list(cameras)!r}",
-                            self.path)
+        self.cameras = camera_names(CAMERAS if cameras is None else cameras, self.path, among=CAMERAS)
         self._cam_idx = [CAMERAS.index(c) for c in self.cameras]
         self._instructions_arg = Path(instructions) if instructions is not None else None
         self._instr_table: dict | None = None
