@@ -166,9 +166,12 @@ class SafeUnpickler(pickle._Unpickler):
 
     ``allowed_extra`` maps ``(module, name)`` to the object to use instead (classes: instantiable, state goes
     into ``__dict__``; other objects: passed around, never called). ``hint`` is appended to refusals.
+    A subclass may answer more globals with its own checked stand-ins: ``checked_calls`` maps ``(module,
+    name)`` to the name of a method that validates its arguments (REDUCE calls only these and the table's).
     """
 
     dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
+    checked_calls: ClassVar[dict[tuple[str, str], str]] = {}
 
     def __init__(self, file, *, allowed_extra: Mapping[tuple[str, str], object] | None = None,
                  path: object = None, key: object = None, hint: str = "", encoding: str = "ASCII"):
@@ -179,7 +182,7 @@ class SafeUnpickler(pickle._Unpickler):
         self._classes: dict[int, type] = {}
         self._names: dict[int, str] = {}
         bound: dict[str, object] = {}  # one bound method per name, so identity checks hold
-        for pair, (role, what) in _ALLOWED.items():
+        for pair, (role, what) in {**_ALLOWED, **{p: (_CALL, m) for p, m in self.checked_calls.items()}}.items():
             obj = bound.setdefault(what, getattr(self, what)) if role == _CALL else what
             if role == _CALL:
                 self._callables[id(obj)] = obj

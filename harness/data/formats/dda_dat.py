@@ -105,7 +105,7 @@ class DdaUnpickler(SafeUnpickler):
       inside the storage. Builds the tensor with ``Tensor.set_`` (as torch does), never with grad or hooks.
     """
 
-    _TORCH_CALLS: ClassVar[dict[tuple[str, str], str]] = {
+    checked_calls: ClassVar[dict[tuple[str, str], str]] = {
         ("torch._utils", "_rebuild_tensor_v2"): "_rebuild_tensor_v2",
         ("torch.storage", "_load_from_bytes"): "_load_from_bytes",
         ("collections", "OrderedDict"): "_ordered_dict",
@@ -113,11 +113,6 @@ class DdaUnpickler(SafeUnpickler):
 
     def __init__(self, file, path: object = None, key: object = None, hint: str = _REFUSAL_HINT):
         super().__init__(file, path=path, key=key, hint=hint)
-        for (module, name), method in self._TORCH_CALLS.items():
-            fn = getattr(self, method)  # one bound method, kept in the table, so identity checks hold
-            self._table[(module, name)] = fn
-            self._callables[id(fn)] = fn
-            self._names[id(fn)] = f"{module}.{name}"
         self._storages: dict[int, torch.storage.TypedStorage] = {}
         self._hooks: dict[int, OrderedDict] = {}
 
