@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from harness.data.errors import DataError
 from harness.data.formats import natural_key
-from harness.data.formats.instructions import write_instr_embeds, write_taskvar_instructions, write_taskvars
+from harness.data.formats.instructions import write_instruction_files, write_taskvars
 from harness.data.formats.lotus_lmdb import (
     KEYSTEPS,
     VOXEL,
@@ -53,7 +53,6 @@ from harness.data.formats.lotus_lmdb import (
 from harness.data.formats.rlbench_raw import PERACT_CAMERAS, RLBenchRawSource
 from harness.data.keyposes import KEYPOSE_RULES
 from harness.data.meta import META_FILENAME, RLBENCH18, DatasetMeta
-from harness.data.text import get_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +113,9 @@ def _open_meta(out: Path, settings: dict) -> DatasetMeta:
     return meta
 
 
-def _plan(roots: dict[str, Path], tasks: list[str] | None, source_args: dict) -> list[tuple[str, str, Path]]:
-    """[(split, taskvar, task folder)] in split then natural order; unknown ``tasks`` -> DataError."""
+def _plan(roots: dict[str, Path], tasks: list[str] | None,
+          source_args: dict) -> list[tuple[str, str, Path, int]]:
+    """[(split, taskvar, task folder, episodes)] in split then natural order; unknown ``tasks`` -> DataError."""
     jobs, seen = [], set()
     for split, root in roots.items():
         src = RLBenchRawSource(root, **source_args)
@@ -123,7 +123,7 @@ def _plan(roots: dict[str, Path], tasks: list[str] | None, source_args: dict) ->
             task = tv.rpartition("+")[0]
             seen.add(task)
             if tasks is None or task in tasks:
-                jobs.append((split, tv, src.taskvar_path(tv).parent))
+                jobs.append((split, tv, src.taskvar_path(tv).parent, len(src.episode_keys(tv))))
     if tasks is not None:
         unknown = sorted(set(tasks) - seen)
         if unknown:
@@ -143,7 +143,6 @@ def convert_taskvar(task_dir: Path, taskvar: str, staging: Path, source_args: di
     if staging.exists():
         shutil.rmtree(staging)  # leftovers of an interrupted run
     src = RLBenchRawSource(task_dir, **source_args)
-    meta = _new_meta(_settings(src.cameras, src.keyposes, src.stopping_delta, "unused"))
     record = {"source": str(src.taskvar_path(taskvar)),
               "episodes": 0, "keysteps": 0, "keyframes": {}, "demo_length": {}, "skipped": {},
               "image_size": None, "link_boxes": True, "has_mask": True}
@@ -157,7 +156,7 @@ def convert_taskvar(task_dir: Path, taskvar: str, staging: Path, source_args: di
                 value = keysteps_value(ep.rgb_images, ep.point_maps, ep.actions, ep.key_frameids,
                                        depth=ep.depth, mask=ep.mask, bbox_info=ep.bbox_info,
                                        pose_info=ep.pose_info, path=ep.extra["path"], key=key)
-                voxel = keysteps_to_voxel_value(value, meta)
+                voxel = keysteps_to_voxel_value(value, RLBENCH18)  # the crop and voxel size of _settings
             except DataError as e:
                 if not skip_bad:
                     raise
@@ -209,14 +208,11 @@ def _write_instructions(out: Path, meta: DatasetMeta, encoder: str) -> str:
             instructions.setdefault(tv, rec["instructions"])
     taskvars = sorted(instructions, key=natural_key)
     write_taskvars(out / "taskvars.json", taskvars)
-    write_taskvar_instructions(out / "taskvars_instructions.json", {tv: instructions[tv] for tv in taskvars})
-    enc = get_text_encoder(encoder)
-    texts = sorted({s for v in instructions.values() for s in v})
+    encoder_used, embeds_path = write_instruction_files(out, {tv: instructions[tv] for tv in taskvars}, encoder)
     for old in out.glob("instr_embeds_*.npy"):  # one embedding file: the dataset reads the first it finds
-        if old.name != f"instr_embeds_{enc.name}.npy":
+        if old != embeds_path:
             old.unlink()
-    write_instr_embeds(out / f"instr_embeds_{enc.name}.npy", dict(zip(texts, enc.encode(texts))))
-    return enc.name
+    return encoder_used
 
 
 def convert_rlbench(raw: str | Path, out: str | Path, tasks: list[str] | None = None,
@@ -245,12 +241,12 @@ def convert_rlbench(raw: str | Path, out: str | Path, tasks: list[str] | None = 
     def done(s: str, tv: str) -> bool:
         return tv in converted.get(s, {}) and all((out / s / kind / tv).is_dir() for kind in KINDS)
 
-    todo = [(s, tv, d) for s, tv, d in jobs if not done(s, tv)]
-    kept = [f"{s}/{tv}" for s, tv, _ in jobs if done(s, tv)]
-    for s, tv, _ in todo:
+    todo = [job for job in jobs if not done(job[0], job[1])]
+    kept = [f"{s}/{tv}" for s, tv, *_ in jobs if done(s, tv)]
+    for s, tv, *_ in todo:
         if any((out / s / kind / tv).exists() for kind in KINDS):
             log.warning("%s/%s: folders without a record (an interrupted move?); converting again", s, tv)
-    total = sum(len(RLBenchRawSource(d, **source_args).episode_keys(tv)) for _, tv, d in todo)
+    total = sum(n for *_, n in todo)
 
     def finish(s: str, tv: str, record: dict) -> None:
         """Move one finished task-variation into place, then record it (the order makes it atomic)."""
@@ -265,7 +261,7 @@ def convert_rlbench(raw: str | Path, out: str | Path, tasks: list[str] | None = 
 
     with tqdm(total=total, disable=not progress, unit="ep", desc="convert-rlbench") as bar:
         if workers == 1 or len(todo) <= 1:
-            for s, tv, d in todo:
+            for s, tv, d, _ in todo:
                 bar.set_postfix_str(f"{s}/{tv}")
                 finish(s, tv, convert_taskvar(d, tv, out / STAGING / s / tv, source_args, skip_bad,
                                               on_episode=lambda: bar.update(1)))
@@ -273,7 +269,7 @@ def convert_rlbench(raw: str | Path, out: str | Path, tasks: list[str] | None = 
             ctx = multiprocessing.get_context("spawn")  # no inherited LMDB handles or torch threads
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 futures = {pool.submit(convert_taskvar, d, tv, out / STAGING / s / tv, source_args, skip_bad):
-                           (s, tv) for s, tv, d in todo}
+                           (s, tv) for s, tv, d, _ in todo}
                 for fut in as_completed(futures):
                     s, tv = futures[fut]
                     record = fut.result()
@@ -286,7 +282,7 @@ def convert_rlbench(raw: str | Path, out: str | Path, tasks: list[str] | None = 
     meta.extra["text_encoder"] = enc
     meta.save(out)
     records = {f"{s}/{tv}": r for s, per in converted.items() for tv, r in per.items()}
-    return {"out": str(out), "converted": [f"{s}/{tv}" for s, tv, _ in todo], "kept": kept,
+    return {"out": str(out), "converted": [f"{s}/{tv}" for s, tv, *_ in todo], "kept": kept,
             "episodes": sum(r["episodes"] for r in records.values()),
             "keysteps": sum(r["keysteps"] for r in records.values()),
             "skipped": {k: r["skipped"] for k, r in records.items() if r["skipped"]},

@@ -126,6 +126,21 @@ def _read_json(path):
         raise DataError(f"not valid JSON: {e}", path) from None
 
 
+def write_instruction_files(out: str | os.PathLike, table: dict[str, list[str]], encoder: str) -> tuple[str, Path]:
+    """``out/taskvars_instructions.json`` (``table``) and ``out/instr_embeds_<encoder>.npy`` (every distinct
+    instruction of ``table`` encoded); returns (the encoder actually used, the embeddings file). The text
+    encoder falls back to ``hash`` without CLIP weights (``harness.data.text.get_text_encoder`` says so)."""
+    from harness.data.text import get_text_encoder
+
+    out = Path(out)
+    write_taskvar_instructions(out / "taskvars_instructions.json", table)
+    enc = get_text_encoder(encoder)
+    texts = sorted({s for v in table.values() for s in v})
+    embeds_path = out / f"instr_embeds_{enc.name}.npy"
+    write_instr_embeds(embeds_path, dict(zip(texts, enc.encode(texts))))
+    return enc.name, embeds_path
+
+
 def embed_instructions(path: str | os.PathLike, encoder: str = "clip", fmt: str | None = None,
                        out: str | os.PathLike | None = None) -> dict:
     """Write ``taskvars_instructions.json`` and ``instr_embeds_<encoder>.npy`` for the dataset at ``path``
@@ -138,7 +153,6 @@ def embed_instructions(path: str | os.PathLike, encoder: str = "clip", fmt: str 
     "taskvars", "texts"}.
     """
     from harness.data.formats import has_split, open_source
-    from harness.data.text import get_text_encoder
 
     path = Path(path)
     if out is None:
@@ -162,10 +176,6 @@ def embed_instructions(path: str | os.PathLike, encoder: str = "clip", fmt: str 
                 table[tv] = texts
     if not table:
         raise DataError("nothing to embed: every task-variation carries its own instruction embeddings", path)
-    write_taskvar_instructions(instr_path, table)
-    enc = get_text_encoder(encoder)
-    texts = sorted({s for v in table.values() for s in v})
-    embeds_path = out / f"instr_embeds_{enc.name}.npy"
-    write_instr_embeds(embeds_path, dict(zip(texts, enc.encode(texts))))
-    return {"instructions": str(instr_path), "embeds": str(embeds_path), "encoder": enc.name,
-            "taskvars": len(table), "texts": len(texts)}
+    encoder_used, embeds_path = write_instruction_files(out, table, encoder)
+    return {"instructions": str(instr_path), "embeds": str(embeds_path), "encoder": encoder_used,
+            "taskvars": len(table), "texts": len({s for v in table.values() for s in v})}

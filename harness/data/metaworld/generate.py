@@ -35,11 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.data.errors import DataError
-from harness.data.formats.instructions import (
-    write_instr_embeds,
-    write_taskvar_instructions,
-    write_taskvars,
-)
+from harness.data.formats.instructions import write_instruction_files, write_taskvars
 from harness.data.formats.lotus_lmdb import (
     KEYSTEPS,
     VOXEL,
@@ -56,7 +52,6 @@ from harness.data.metaworld.render import KeyframeRenderer
 from harness.data.metaworld.replay import ServoConfig, replay_keyposes
 from harness.data.metaworld.rollout import record_expert
 from harness.data.metaworld.tasks import SPLITS, resolve_tasks, split_seed
-from harness.data.text import get_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +297,7 @@ def _write_instructions(out: Path, tasks: list[str], encoder: str) -> str:
     taskvars = [f"{t}+0" for t in tasks]
     instructions = {f"{t}+0": instructions_for(t) for t in tasks}
     write_taskvars(out / "taskvars.json", taskvars)
-    write_taskvar_instructions(out / "taskvars_instructions.json", instructions)
-    enc = get_text_encoder(encoder)
-    texts = sorted({s for v in instructions.values() for s in v})
-    embeds = dict(zip(texts, enc.encode(texts)))
-    write_instr_embeds(out / f"instr_embeds_{enc.name}.npy", embeds)
-    return enc.name
+    return write_instruction_files(out, instructions, encoder)[0]
 
 
 def format_oracle_table(summary: dict) -> str:
