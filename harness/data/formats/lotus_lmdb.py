@@ -301,6 +301,14 @@ def is_lmdb_dir(p: Path) -> bool:
     return (p / "data.mdb").is_file()
 
 
+def _lmdb_leftovers_only(folder: Path) -> bool:
+    """True for a folder holding nothing but what an empty or half-copied LMDB leaves: lock.mdb, hidden files."""
+    try:
+        return all(p.name == "lock.mdb" or p.name.startswith(".") for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 def _lmdb_candidates(path: Path) -> list[Path]:
     """Visible sub-folders that hold an LMDB or are named like one (an empty ``<task>+<var>`` folder)."""
     try:
@@ -374,9 +382,9 @@ class LotusLmdbSource:
         candidates = _lmdb_candidates(path)
         if any(is_lmdb_dir(p) for p in candidates):
             return True
-        if candidates:  # <task>+<var> folders without data.mdb: ours (reported as empty) unless they hold
-            # another format's episodes (3DDA's Peract_packaged/<split>/<task>+<var>/ep<N>.dat)
-            return not any(next(p.glob("*.dat"), None) for p in candidates)
+        if candidates:  # <task>+<var> folders without data.mdb: ours (reported as empty LMDBs) when they hold
+            # nothing an LMDB would not; folders of other files are another format's (3DDA's ep<N>.dat)
+            return all(_lmdb_leftovers_only(p) for p in candidates)
         return (path / "train" / VOXEL).is_dir() or (path / "train" / KEYSTEPS).is_dir()
 
     def _env(self, taskvar: str) -> lmdb.Environment:
