@@ -5,8 +5,9 @@ Every episode ends with exactly one outcome:
 
 - ``success``: the environment reported success;
 - ``policy_failure``: the keypose budget (or the environment's step budget) was spent without success;
-- ``unreachable``: the policy predicted a target the executor cannot reach (outside the hand's reachable
-  box); the episode ends there;
+- ``unreachable``: the policy predicted a target the environment truly cannot execute (RLBench's motion
+  planner found no path); the episode ends there. Meta-World never gives it: like the environment itself,
+  its evaluation clips targets to the mocap box and records how many keyposes were clipped and by how much;
 - ``sim_error``: the simulator raised or produced a non-finite state;
 - ``infra_failure``: the worker running the episode crashed or hung past its timeout (retried, bounded).
 
@@ -34,7 +35,9 @@ EPISODES_FILE = "episodes.jsonl"
 class EpisodeResult:
     """One episode: ``task``, ``seed``, ``outcome`` (one of OUTCOMES), ``keyposes`` predicted, ``env_steps``,
     ``time_s`` wall time, ``error`` text (sim/infra failures, unreachable targets), ``attempts`` (1 + retries
-    after infrastructure failures), ``policy``: what was evaluated ("oracle" or the run)."""
+    after infrastructure failures), ``policy``: what was evaluated ("oracle" or the run);
+    ``clipped_keyposes``: predicted targets moved into the environment's reachable box before execution,
+    ``clip_max_m`` / ``clip_mean_m``: the largest / mean distance (m) they moved (0 when none)."""
 
     task: str
     seed: int
@@ -45,6 +48,9 @@ class EpisodeResult:
     error: str | None = None
     attempts: int = 1
     policy: str = ""
+    clipped_keyposes: int = 0
+    clip_max_m: float = 0.0
+    clip_mean_m: float = 0.0
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:
@@ -66,11 +72,15 @@ def _rate(results: list[EpisodeResult]) -> dict:
 def summarize(results: list[EpisodeResult], oracle: list[EpisodeResult] | None = None) -> dict:
     """{"success" (0-1 over policy-attributable episodes), "success_ci" (Wilson 95 %), "successes",
     "episodes" (counted), "excluded", "per_task": {task: same keys}, "failures": {outcome: count} (every
-    outcome, success included), "oracle_success" (and its per task) when ``oracle`` is given}."""
+    outcome, success included), "clipping": {"keyposes" clipped into the reachable box, "episodes" with
+    any, "max_m" the largest move}, "oracle_success" (and its per task) when ``oracle`` is given}."""
     out = _rate(results)
     out["per_task"] = {t: _rate([r for r in results if r.task == t]) for t in sorted({r.task for r in results})}
     counts = Counter(r.outcome for r in results)
     out["failures"] = {o: counts.get(o, 0) for o in OUTCOMES}
+    clipped = [r for r in results if r.clipped_keyposes]
+    out["clipping"] = {"keyposes": sum(r.clipped_keyposes for r in results), "episodes": len(clipped),
+                       "max_m": max((r.clip_max_m for r in clipped), default=0.0)}
     if oracle is not None:
         rate = _rate(oracle)
         out["oracle_success"] = rate["success"]

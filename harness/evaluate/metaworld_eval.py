@@ -158,9 +158,13 @@ def run_episode(env, render, observe, predict, task: str, seed: int, cfg: MetaWo
     t0 = time.perf_counter()
     keyposes = 0
 
+    clips: list[float] = []  # metres each clipped keypose moved to enter the mocap box
+
     def result(outcome: str, steps: int = 0, error: str | None = None) -> EpisodeResult:
         return EpisodeResult(task, seed, outcome, keyposes, steps, time.perf_counter() - t0, error,
-                             policy=policy_name)
+                             policy=policy_name, clipped_keyposes=len(clips),
+                             clip_max_m=round(max(clips), 6) if clips else 0.0,
+                             clip_mean_m=round(float(np.mean(clips)), 6) if clips else 0.0)
 
     try:
         obs = reset_to_seed(env, seed)
@@ -183,11 +187,13 @@ def run_episode(env, render, observe, predict, task: str, seed: int, cfg: MetaWo
         if recorder is not None:
             recorder.target = target
             recorder.capture(force=True)
-        tol = cfg.servo.tolerance
-        if np.any(target < low - tol) or np.any(target > high + tol):
-            return result("unreachable", executor.steps,
-                          f"target {np.round(target, 4).tolist()} outside the reachable box "
-                          f"{low.tolist()}..{high.tolist()}")
+        # Meta-World clips every mocap target to [mocap_low, mocap_high]; so does the evaluation, and it
+        # records by how much (the demonstrations sit at the box floor: push's keyposes reach z = 0.052)
+        clipped = np.clip(target, low, high)
+        distance = float(np.linalg.norm(clipped - target))
+        if distance > 0:
+            clips.append(distance)
+            target = clipped
         try:
             status = executor.execute(target, new_open)
         except Exception as e:  # noqa: BLE001

@@ -98,9 +98,23 @@ def test_non_finite_prediction_is_a_policy_failure(stand_in):
     assert r.outcome == "policy_failure" and "non-finite" in r.error
 
 
-def test_target_outside_the_reach_is_unreachable(stand_in):
-    r = _episode(StandInEnv(), lambda b, s, k: _action([0.0, 0.7, -0.3], 1.0))
-    assert r.outcome == "unreachable" and "outside the reachable box" in r.error and r.env_steps == 0
+def test_a_target_below_the_box_floor_is_clipped_as_the_environment_does(stand_in):
+    """Meta-World clips mocap targets to its box, so a keypose 2 cm under the floor (the demonstrations sit at
+    it) is executed at the floor: the episode goes on, and the clip is recorded."""
+    env = StandInEnv()
+    env.goal = np.array([0.0, 0.6, env.mocap_low[2]])  # a goal ON the box floor
+    below = env.goal - [0, 0, 0.02]
+    r = _episode(env, lambda b, s, k: _action(below, -5.0))
+    assert r.outcome == "success" and r.error is None
+    assert r.clipped_keyposes == 1 and r.clip_max_m == pytest.approx(0.02) and r.clip_mean_m == pytest.approx(0.02)
+
+
+def test_far_targets_are_clipped_every_keypose_and_summarised(stand_in):
+    r = _episode(StandInEnv(), lambda b, s, k: _action([0.0, 0.7, -0.3], 1.0), max_keyposes=3)
+    assert r.outcome == "policy_failure" and r.clipped_keyposes == 3 and r.env_steps > 0
+    assert r.clip_max_m == pytest.approx(0.05 + 0.3)  # z = -0.3 moved up to the floor at 0.05
+    s = summarize([r, EpisodeResult("stand-in-task", 8, "success")])
+    assert s["clipping"] == {"keyposes": 3, "episodes": 1, "max_m": r.clip_max_m}
 
 
 @pytest.mark.parametrize("env, text", [(StandInEnv(fail_step_at=3), "step: RuntimeError"),
