@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,39 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)  # through a Python file, so a full disk raises OSError(ENOSPC), not a bare RuntimeError
         f.flush()
         os.fsync(f.fileno())
+
+
+KEPT_NAME = "step_{step:07d}.pt"
+_KEPT_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def keep_checkpoint(path: Path, step: int) -> Path:
+    """Keep the checkpoint ``path`` (``ckpt/last.pt``, just written at ``step``) as ``ckpt/step_<step>.pt``
+    beside it (``train.keep_ckpt_every``): a hard link made under a temporary name and moved into place
+    with ``os.replace``, or a copy where the file system has no hard links. Sharing last.pt's bytes is safe
+    because last.pt is only ever replaced by a new file, never rewritten in place. Returns the kept path."""
+    path = Path(path)
+    kept = path.parent / KEPT_NAME.format(step=step)
+    with atomic_path(kept) as tmp:
+        os.unlink(tmp)  # atomic_path made an empty file; the link takes its (random, unused) name
+        try:
+            os.link(path, tmp)
+        except OSError:  # no hard links here (some network or FUSE file systems): copy
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+                dst.flush()
+                os.fsync(dst.fileno())
+    return kept
+
+
+def kept_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` of the checkpoints a run kept (``ckpt/step_<step>.pt``), by step; last.pt is
+    not among them. Load one with ``load_checkpoint``."""
+    folder = Path(run_dir) / "ckpt"
+    if not folder.is_dir():
+        return []
+    found = ((_KEPT_RE.match(p.name), p) for p in folder.iterdir())
+    return sorted((int(m.group(1)), p) for m, p in found if m and p.is_file())
 
 
 def _legacy_numpy_globals() -> list:

@@ -150,9 +150,13 @@ def _add_eval(sub) -> None:
     e.add_argument("--tasks", default=None, help="comma-separated tasks (default: the run's data tasks)")
     e.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
     e.add_argument("--seed", type=int, default=0, help="offset into the dataset's test seed block (default 0)")
+    e.add_argument("--train-seeds", action="store_true",
+                   help="replay the dataset's TRAINING seeds instead of test seeds (debugging a policy that "
+                        "never succeeds: can it replay what it was fitted on? not a held-out number)")
     e.add_argument("--workers", type=int, default=1, help="parallel processes (results do not depend on it)")
     e.add_argument("--max-keyposes", type=int, default=None,
-                   help="keyposes per episode (default: metaworld 10, rlbench 25 as the official evaluators)")
+                   help="keyposes per episode (default: metaworld twice the longest evaluated demonstration, at "
+                        "least 10; rlbench 25 as the official evaluators)")
     e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     e.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps (ddpm: all training steps)")
     e.add_argument("--data", default=None, help="the dataset folder, when the run's data.path is elsewhere here")
@@ -160,6 +164,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--no-oracle", action="store_true", help="skip the oracle (expert keyposes on the same seeds)")
     e.add_argument("--video", type=int, default=0, metavar="K",
                    help="write the first K episodes per task as GIFs (front camera, predicted keypose marked)")
+    e.add_argument("--checkpoints", nargs="?", const="all", default=None, metavar="STEPS",
+                   help="evaluate the run's kept checkpoints (train.keep_ckpt_every): all, or comma-separated "
+                        "steps; writes eval_metaworld/success_vs_steps.csv and record.json success_curve")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -375,15 +382,40 @@ def _eval(args) -> int:
     from harness.runlock import RunFolderBusy
 
     cfg = MetaWorldEvalConfig(tasks=[t for t in (args.tasks or "").split(",") if t] or None,
-                              episodes=args.episodes, seed_offset=args.seed, max_keyposes=args.max_keyposes or 10,
+                              episodes=args.episodes, seed_offset=args.seed, max_keyposes=args.max_keyposes,
+                              seed_split="train" if args.train_seeds else "test",
                               sampler=args.sampler, sampler_steps=args.sampler_steps if args.sampler == "ddim" else None,
                               video=max(0, args.video))
     try:
+        if args.checkpoints is not None:
+            return _eval_checkpoints(args, cfg)
         summary = evaluate(args.target[0], cfg, data_path=args.data, workers=args.workers, oracle=not args.no_oracle)
     except (FileNotFoundError, ValueError, ConfigError, RunFolderBusy) as e:
         print(f"mdh eval: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary) if args.json else _format_eval(summary))
+    return 0
+
+
+def _eval_checkpoints(args, cfg) -> int:
+    from harness.evaluate.run_eval import evaluate_checkpoints
+
+    steps = None
+    if args.checkpoints != "all":
+        try:
+            steps = [int(s) for s in args.checkpoints.split(",") if s]
+        except ValueError:
+            raise ValueError(f"--checkpoints takes 'all' or comma-separated steps, got {args.checkpoints!r}") from None
+    rows = evaluate_checkpoints(args.target[0], cfg, steps, data_path=args.data, workers=args.workers)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'step':>8} {'hours':>7} {'success %':>10} {'95 % CI':>15} {'n':>4}")
+    for r in rows:
+        hours = "-" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 3600:.3f}"
+        ci = f"[{r['ci_low_pct']:.1f}, {r['ci_high_pct']:.1f}]"
+        print(f"{r['step']:>8} {hours:>7} {r['success_pct']:>10.1f} {ci:>15} {r['episodes']:>4}")
+    print(f"curve: {Path(args.target[0])}/eval_metaworld/success_vs_steps.csv")
     return 0
 
 

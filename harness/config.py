@@ -78,6 +78,8 @@ class TrainConfig:
     recipe_steps: int | None = None
     progress: bool = True
     init_weights: str | None = None  # a checkpoint (or run folder) whose model weights start a NEW run
+    log_every_s: float = 30.0  # wall-clock seconds between progress notes (log line, record.json, steps.csv)
+    keep_ckpt_every: int | None = None  # also keep ckpt/step_<step>.pt at every multiple of it (and the end)
 
 
 @dataclass
@@ -163,6 +165,9 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"train.betas must be two numbers, got {t.betas!r}")
     for i, beta in enumerate(t.betas):
         _number(beta, f"train.betas[{i}]", 0, 1, high_open=True)
+    _number(t.log_every_s, "train.log_every_s", 0, low_open=True)
+    if t.keep_ckpt_every is not None:
+        _positive_int(t.keep_ckpt_every, "train.keep_ckpt_every", 1)
     if t.ema_decay is not None:
         _number(t.ema_decay, "train.ema_decay", 0, 1, low_open=True, high_open=True)
     if t.sampler not in SAMPLERS:

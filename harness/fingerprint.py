@@ -23,6 +23,7 @@ from collections.abc import Mapping
 NON_SEMANTIC_KEYS = frozenset({
     "data.path", "data.instructions", "data.embeds", "data.workers",
     "train.device", "train.progress", "train.ckpt_every", "train.recipe_steps",
+    "train.log_every_s", "train.keep_ckpt_every",
 })
 NON_SEMANTIC_GROUPS = ("cluster", "hydra")
 FINGERPRINT_LENGTH = 10

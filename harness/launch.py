@@ -67,7 +67,7 @@ class Sweep:
 
 
 EVAL_KEYS = ("env", "tasks", "episodes", "seed_offset", "max_keyposes", "sampler", "sampler_steps", "workers",
-             "oracle")
+             "oracle", "checkpoints")
 
 
 def find_sweep(name: str) -> Path:
@@ -559,15 +559,30 @@ def run_sweep(name: str, extra: list[str], out: str | None = None, retry_failed:
     return planned, outcomes
 
 
+def curve_is_complete(run_dir: Path, settings: dict) -> bool:
+    """Every kept checkpoint of the run has its point in record.json ``success_curve`` for ``settings``."""
+    from harness.checkpoint import kept_checkpoints
+
+    try:
+        curve = json.loads((run_dir / "record.json").read_text()).get("success_curve") or {}
+    except (OSError, ValueError):
+        return False
+    steps = {p.get("step") for p in curve.get("points") or []}
+    return curve.get("config") == settings and {k for k, _ in kept_checkpoints(run_dir)} <= steps
+
+
 def evaluate_done_runs(planned: list[PlannedRun], options: dict) -> dict[str, str]:
     """The sweep's eval stage: closed-loop evaluation (``mdh eval``) of every done run whose record has no
-    success for these settings yet; the oracle is evaluated once per data folder and reused. A failed
-    evaluation is logged and reported, never stops the sweep. Returns {run: "success X % (n episodes)"}."""
+    success for these settings yet; the oracle is evaluated once per data folder and reused. ``checkpoints:
+    true`` also evaluates every kept checkpoint (``evaluate_checkpoints``: success against steps) of runs
+    whose curve is not complete. A failed evaluation is logged and reported, never stops the sweep. Returns
+    {run: "success X % (n episodes)[; success by step: ...]"}."""
     from harness.evaluate.metaworld_eval import MetaWorldEvalConfig
-    from harness.evaluate.run_eval import evaluate
+    from harness.evaluate.run_eval import evaluate, evaluate_checkpoints
 
     opts = dict(options)
     env, workers, oracle = opts.pop("env", "metaworld"), int(opts.pop("workers", 1)), opts.pop("oracle", True)
+    checkpoints = bool(opts.pop("checkpoints", False))  # also every kept checkpoint (success against steps)
     if env != "metaworld":
         raise ConfigError(f"sweep eval: env {env!r} is not available (only metaworld)")
     if isinstance(opts.get("tasks"), str):
@@ -579,24 +594,35 @@ def evaluate_done_runs(planned: list[PlannedRun], options: dict) -> dict[str, st
         state, record = run_state(p.run_dir)
         if state != "done":
             continue
-        done_before = ((record or {}).get("final_metrics") or {}).get("success") or {}
-        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "servo"}
-        if done_before.get("config") == wanted:
-            continue
+        name = p.run_dir.name
         data = ((record or {}).get("config") or {}).get("data", {})
         data_key = json.dumps([data.get("path"), data.get("taskvars")])  # same episodes -> same oracle
-        try:
-            summary = evaluate(p.run_dir, cfg, workers=workers, oracle=oracles.get(data_key, oracle) if oracle else False)
-        except Exception as e:  # noqa: BLE001 - one failed evaluation must not stop the others
-            log.error("eval of %s failed: %s", p.run_dir, e)
-            results[p.run_dir.name] = f"eval failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            continue
-        if oracle and data_key not in oracles:
-            from harness.evaluate.closed_loop import EpisodeResult
+        done_before = ((record or {}).get("final_metrics") or {}).get("success") or {}
+        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "servo"}
+        if done_before.get("config") != wanted:
+            try:
+                summary = evaluate(p.run_dir, cfg, workers=workers,
+                                   oracle=oracles.get(data_key, oracle) if oracle else False)
+            except Exception as e:  # noqa: BLE001 - one failed evaluation must not stop the others
+                log.error("eval of %s failed: %s", p.run_dir, e)
+                results[name] = f"eval failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                continue
+            if oracle and data_key not in oracles:
+                from harness.evaluate.closed_loop import EpisodeResult
 
-            oracles[data_key] = [EpisodeResult(**r) for r in summary["oracle_episodes"]]
-        s = summary["success"]
-        results[p.run_dir.name] = f"success {'-' if s is None else f'{100 * s:.1f}'} % ({summary['episodes']} episodes)"
+                oracles[data_key] = [EpisodeResult(**r) for r in summary["oracle_episodes"]]
+            s = summary["success"]
+            results[name] = f"success {'-' if s is None else f'{100 * s:.1f}'} % ({summary['episodes']} episodes)"
+        if checkpoints and not curve_is_complete(p.run_dir, wanted):
+            try:
+                curve = evaluate_checkpoints(p.run_dir, cfg, workers=workers,
+                                             oracle=oracles.get(data_key, oracle) if oracle else False)
+            except Exception as e:  # noqa: BLE001
+                log.error("eval of the kept checkpoints of %s failed: %s", p.run_dir, e)
+                results[name] = f"{results.get(name, '')}; kept checkpoints: eval failed: {e}".lstrip("; ")
+                continue
+            text = "success by step: " + ", ".join(f"{r['step']}: {r['success_pct']:.0f} %" for r in curve)
+            results[name] = f"{results[name]}; {text}" if name in results else text
     return results
 
 
@@ -604,7 +630,9 @@ def evaluate_done_runs(planned: list[PlannedRun], options: dict) -> dict[str, st
 
 
 def sweep_status(out_dir: str | os.PathLike) -> list[dict]:
-    """One row per run of a sweep folder: run, state, step, steps, key figures, error line."""
+    """One row per run of a sweep folder: run, state, step, steps, key figures, error line. ``step`` is the
+    record's ``steps_done``, which a running run rewrites every ``train.log_every_s`` (``progress_at``: when),
+    not only at its checkpoints."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ConfigError(f"sweep folder {out_dir} does not exist")
@@ -622,11 +650,24 @@ def sweep_status(out_dir: str | os.PathLike) -> list[dict]:
         timing = record.get("timing") or {}
         error = record.get("error")
         rows.append({"run": name, "state": state, "step": record.get("steps_done"),
-                     "steps": record.get("steps_total"), "B": record.get("B"), "M": record.get("M"),
+                     "steps": record.get("steps_total"), "progress_at": record.get("progress_at"),
+                     "B": record.get("B"), "M": record.get("M"),
                      "pos_err_cm": overall.get("pos_err_cm"), "pct_within_1cm": overall.get("pct_within_1cm"),
                      "step_time_median_s": timing.get("step_time_median_s"),
                      "error": error.splitlines()[0] if isinstance(error, str) and error else None})
     return rows
+
+
+def _age(iso: str | None, now: float | None = None) -> str | None:
+    """``"42 s ago"``, ``"12 min ago"``, ``"3.5 h ago"`` for a record time stamp (None when absent or unreadable)."""
+    import datetime
+
+    try:
+        then = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (TypeError, ValueError):
+        return None
+    age = max(0.0, (time.time() if now is None else now) - then)
+    return f"{age:.0f} s ago" if age < 120 else f"{age / 60:.0f} min ago" if age < 7200 else f"{age / 3600:.1f} h ago"
 
 
 def format_status(rows: list[dict]) -> str:
@@ -635,7 +676,12 @@ def format_status(rows: list[dict]) -> str:
     def fmt(v, d):
         return "-" if v is None else f"{v:.{d}f}"
 
-    table = [[r["run"], r["state"], f"{r['step'] or 0}/{r['steps'] or '?'}", fmt(r["pos_err_cm"], 2),
+    def step(r):
+        text = f"{r['step'] or 0}/{r['steps'] or '?'}"
+        age = _age(r.get("progress_at")) if r["state"] == "running" else None
+        return f"{text} ({age})" if age else text
+
+    table = [[r["run"], r["state"], step(r), fmt(r["pos_err_cm"], 2),
               fmt(r["pct_within_1cm"], 1), fmt(r["step_time_median_s"], 3), r["error"] or ""] for r in rows]
     counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "pending", "failed", "died",
                                                               "interrupted")}

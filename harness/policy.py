@@ -107,12 +107,25 @@ class DataInfo:
 
     ``meta``: the dataset's ``DatasetMeta`` (workspace bounds, table, robot base, cameras, image size);
     ``text_dim``: width of the instruction embeddings (None: no embeddings found); ``has_images``: the
-    data holds camera images + point maps (the "keysteps" format or raw RLBench).
+    data holds camera images + point maps (the "keysteps" format or raw RLBench); ``keypose_bounds()``:
+    (low (3,), high (3,)) world-frame metres holding every training target position + 0.04 m
+    (harness/data/bounds.py), computed on first call (it reads every training episode's actions) and
+    None when the harness gave no way to compute them.
     """
 
     meta: Any = None
     text_dim: int | None = None
     has_images: bool = False
+    bounds_fn: Callable[[], tuple[list, list]] | None = field(default=None, repr=False, compare=False)
+
+    def keypose_bounds(self) -> tuple[list, list] | None:
+        if self.bounds_fn is None:
+            return None
+        cached = getattr(self, "_bounds", None)
+        if cached is None:
+            cached = self.bounds_fn()
+            object.__setattr__(self, "_bounds", cached)
+        return cached
 
 
 @runtime_checkable
@@ -241,12 +254,21 @@ class PolicyEntry:
         unknown = sorted(set(overrides) - set(fields))
         if unknown:
             raise ValueError(f"unknown {self.config_class.__name__} fields {unknown}; choices: {sorted(fields)}")
-        values = {**(self.presets.get(preset, {}) if preset is not None else {}), **overrides}
+        values = _merged(self.presets.get(preset, {}) if preset is not None else {}, overrides)
         if "preset" in fields and preset is not None:
             values["preset"] = preset
         config = _construct(self.config_class, values)
         validate = getattr(config, "validate", None)
         return validate() or config if callable(validate) else config
+
+
+def _merged(preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """``overrides`` over ``preset``, nested mappings merged key by key (``schedule.clip_range=2`` keeps a
+    preset's ``schedule.schedule``)."""
+    out = dict(preset)
+    for k, v in overrides.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def _construct(cls: type, values: Mapping[str, Any]) -> Any:

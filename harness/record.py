@@ -5,9 +5,11 @@
                   model and ablation switches, parameter count, steps, timing, memory, cost, final metrics
     metrics.csv   one row per evaluation: step, loss (mean training total since the previous row), then
                   wall time, lr, loss terms, offline metrics
-    steps.csv     one row per training step: step, loss, loss terms, lr, grad norm, step time
+    steps.csv     one row per training step: step, loss, loss terms, lr, grad norm, step time; appended
+                  as the run goes (at each progress note and checkpoint) and rewritten atomically from the
+                  checkpoint's step log when a run resumes, so it never holds a step twice
     config.yaml   the resolved configuration
-    ckpt/         checkpoints (last.pt)
+    ckpt/         checkpoints (last.pt; step_<step>.pt kept with train.keep_ckpt_every)
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class RecordSchema:
     loss_terms: list | None = None
     steps_total: int | None = None
     steps_done: int | None = None
+    progress_at: str | None = None  # when steps_done was last written (every train.log_every_s while running)
+    step_time_recent_s: float | None = None  # median step time over the most recent steps
     checkpoint_step: int | None = None
     data: dict | None = None
     loader: dict | None = None
@@ -92,6 +96,8 @@ class RecordSchema:
     cost: dict | None = None
     final_metrics: dict | None = None
     weights_source: dict | None = None  # where the initial weights came from (train.init_weights, an import)
+    success_curve: dict | None = None  # closed-loop success of the kept checkpoints (mdh eval --checkpoints)
+    keypose_bounds: dict | None = None  # the box a normalised position space scales by (low, high, source)
 
 
 RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RecordSchema))
@@ -233,6 +239,33 @@ class RunRecord:
 
     def write_steps(self, rows: list[dict]) -> None:
         write_text_atomic(self.dir / "steps.csv", rows_to_csv(rows, STEP_COLUMNS))
+
+    def append_steps(self, rows: list[dict], all_rows: list[dict]) -> None:
+        """Add ``rows`` (the newest of ``all_rows``, the whole step log) to the end of steps.csv in one write.
+        Rewrites the file atomically from ``all_rows`` instead when it is missing or its header lacks a
+        column of ``rows``. A kill mid-append can leave a torn last line; a resume rewrites the file from
+        the checkpoint's step log (``write_steps``), so no row past the checkpoint survives."""
+        if not rows:
+            return
+        path = self.dir / "steps.csv"
+        try:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+        except FileNotFoundError:
+            header = None
+        if not header or {k for r in rows for k in r} - set(header):
+            return self.write_steps(all_rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        try:
+            with open(path, "a") as f:
+                f.write(buf.getvalue())
+        except OSError as e:
+            if e.filename is None:  # f.write() names no file; say which one (a full disk, DiskFullError)
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+            raise
 
     def write_config(self, yaml_text: str) -> None:
         write_text_atomic(self.dir / "config.yaml", yaml_text)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import keep_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from harness.config import ConfigError, RunConfig, validate_config
 from harness.data.collate import batch_to, collate_keysteps
 from harness.data.dataset import KeystepDataset
@@ -60,7 +60,7 @@ from harness.record import (
     disk_full_path,
     remove_stale_temporaries,
 )
-from harness.runlock import RunLock
+from harness.runlock import LOCK_NAME, RunFolderBusy, RunLock
 from harness.train_step import TrainStep
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,16 @@ def dataset_info(cfg: RunConfig) -> DataInfo:
         raise ConfigError(f"data.path={d.path!r}: {e}") from None
     if len(widths) > 1:
         raise ConfigError(f"instruction embeddings in {embeds} have several widths {sorted(widths)}")
-    return DataInfo(meta=meta, text_dim=widths.pop() if widths else None, has_images=d.kind == "keysteps")
+    def bounds():
+        from harness.data.bounds import keypose_bounds
+
+        try:
+            return keypose_bounds(path, d.split, d.kind, d.taskvars)
+        except DataError as e:
+            raise ConfigError(f"data.path={d.path!r}: {e}") from None
+
+    return DataInfo(meta=meta, text_dim=widths.pop() if widths else None, has_images=d.kind == "keysteps",
+                    bounds_fn=bounds)
 
 
 def build_run_policy(cfg: RunConfig, info: DataInfo | None = None):
@@ -246,19 +255,72 @@ def refuse_other_configuration(run_dir: Path, old: dict | None, new: dict, what:
 
 def run_training(cfg: RunConfig, run_dir: str | Path, resolved: dict | None = None,
                  config_yaml: str | None = None, overrides: list[str] | None = None,
-                 launcher: dict | None = None) -> dict:
+                 launcher: dict | None = None, new_folder: bool | None = None) -> dict:
     """Train (or resume, or skip if done) the run in ``run_dir``; returns the final record dict.
 
     Owns ``run_dir`` for its whole duration (``RunLock``); refuses a folder written under another
     semantic configuration (``harness.fingerprint``) or other data; a full disk ends in ``DiskFullError``
     naming the file and the last good checkpoint. Launched by torchrun (``WORLD_SIZE`` > 1), this process is
     one rank of a data-parallel run: rank 0 owns the folder, the others train beside it.
+
+    ``new_folder``: whether ``run_dir`` did not exist before this launch (None: whether it does not exist
+    now; ``mdh train`` passes what it saw before Hydra made the folder). A new folder refused at start
+    (``ConfigError`` or ``DataError`` before the record is written) is removed again
+    (``remove_refused_folder``), so a refused configuration leaves nothing behind.
     """
+    run_dir = Path(run_dir)
+    new_folder = (not run_dir.exists()) if new_folder is None else new_folder
+    try:
+        return _run_training(cfg, run_dir, resolved, config_yaml, overrides, launcher)
+    except (ConfigError, DataError) as e:
+        if new_folder and not isinstance(e, RunFolderBusy) and int(os.environ.get("RANK", "0") or 0) == 0:
+            remove_refused_folder(run_dir)
+        raise
+
+
+def remove_refused_folder(run_dir: Path) -> bool:
+    """Remove ``run_dir``, which this launch created and then refused before training: only while no other
+    process holds its lock, only when it holds neither a record nor a checkpoint, and only the files this
+    process put there (the run lock, the log files this process's logging writes into it, e.g. Hydra's
+    train_app.log); the folder itself goes only if that leaves it empty. Returns whether it went."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    try:
+        lock = RunLock(run_dir).acquire()
+    except (RunFolderBusy, OSError):
+        return False
+    try:
+        if (run_dir / "record.json").exists() or (run_dir / "ckpt").exists():
+            return False
+        where = run_dir.resolve()
+        loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(x, logging.Logger))]
+        for logger in loggers:
+            for handler in list(logger.handlers):
+                if isinstance(handler, logging.FileHandler) and \
+                        Path(handler.baseFilename).resolve().parent == where:
+                    logger.removeHandler(handler)
+                    handler.close()
+                    Path(handler.baseFilename).unlink(missing_ok=True)
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    finally:
+        lock.release()
+    try:
+        run_dir.rmdir()
+    except OSError:  # something else is in it (or came in meanwhile): not ours to remove
+        log.warning("run folder %s was refused at start but holds other files; left in place", run_dir)
+        return False
+    log.info("removed run folder %s: its configuration was refused before training", run_dir)
+    return True
+
+
+def _run_training(cfg: RunConfig, run_dir: Path, resolved: dict | None, config_yaml: str | None,
+                  overrides: list[str] | None, launcher: dict | None) -> dict:
     validate_config(cfg)
     if cfg.model.preset is None:  # one spelling of "the default preset", so both fingerprint alike
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, preset=get_policy(cfg.model.name).default_preset))
-    run_dir = Path(run_dir)
     try:
         dist = Distributed.from_env()
         # one process: the device is resolved after the folder checks, as always (a done run is not refused)
@@ -330,6 +392,10 @@ class RankRecord(RunRecord):
     def write_steps(self, rows: list[dict]) -> None:
         if self.writes:
             super().write_steps(rows)
+
+    def append_steps(self, rows: list[dict], all_rows: list[dict]) -> None:
+        if self.writes:
+            super().append_steps(rows, all_rows)
 
     def write_config(self, yaml_text: str) -> None:
         if self.writes:
@@ -422,6 +488,9 @@ def _run_owned(cfg: RunConfig, run_dir: Path, lock: RunLock | None, resolved: di
         checkpoint_step=(previous or {}).get("checkpoint_step"),
         versions={"torch": torch.__version__, "python": platform.python_version()},
         started_at=(previous or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    bounds = getattr(policy, "position_bounds", None)  # optional contract: the box a policy normalises by
+    if callable(bounds) and bounds() is not None:
+        record.update(keypose_bounds=bounds())
     # a kill between writing last.pt and recording its step leaves the record one checkpoint behind: the
     # death note takes the step the run actually resumes from (read from the checkpoint in _train)
     last_good = {"step": (previous or {}).get("checkpoint_step"), "path": ckpt_path, "after_death": after_death}
@@ -514,6 +583,39 @@ def load_initial_weights(policy, source: str) -> dict:
             "imported_from": state.get("imported_from")}
 
 
+RECENT_STEPS = 50  # steps behind step_time_recent_s and the s/step of the progress line
+
+
+def recent_step_time(step_rows: list[dict], n: int = RECENT_STEPS) -> float | None:
+    """Median step time (``step_time_s``) of the last ``n`` steps of the step log; None before the first."""
+    times = [r["step_time_s"] for r in step_rows[-n:] if r.get("step_time_s") is not None]
+    return float(np.median(times)) if times else None
+
+
+def hms(seconds: float | None) -> str:
+    """``h:mm:ss`` (``?`` when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_line(step: int, total: int, loss: float, recent_s: float | None, eta_s: float | None,
+                  last_eval: dict | None) -> str:
+    """The progress note logged every ``train.log_every_s`` when the bar is off (``train.progress=false``):
+    ``step 120/2000 (6.0%)  loss 0.4321  0.812 s/step  ETA 0:25:26  eval@100: pos 3.21 cm, 12.5% within 1 cm``."""
+    parts = [f"step {step}/{total} ({100.0 * step / total:.1f}%)", f"loss {loss:.4f}",
+             f"{recent_s:.3f} s/step" if recent_s is not None else "? s/step", f"ETA {hms(eta_s)}"]
+    if last_eval:
+        parts.append(f"eval@{last_eval['step']}: pos {last_eval.get('pos_err_cm', float('nan')):.2f} cm, "
+                     f"{last_eval.get('pct_within_1cm', float('nan')):.1f}% within 1 cm")
+    return "  ".join(parts)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_path: Path, device,
            fp: str, semantic: dict, identity: dict, last_good: dict, dist: Distributed | None = None) -> dict:
     t = cfg.train
@@ -543,6 +645,21 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
         if last_good.get("after_death") and record.data.get("died"):
             record.update(died={**record.data["died"], "checkpoint_step": step}, checkpoint_step=step)
         log.info("resumed %s at step %d", record.dir, step)
+    # steps.csv = the step log up to where this launch starts: rows a dead or stopped session appended past
+    # its last checkpoint go (a new run starts from the header alone)
+    record.write_steps(step_rows)
+    flushed = {"rows": len(step_rows)}  # steps.csv holds step_rows[:flushed["rows"]]
+
+    def flush_steps() -> None:
+        record.append_steps(step_rows[flushed["rows"]:], step_rows)
+        flushed["rows"] = len(step_rows)
+
+    def keep_due(at: int) -> bool:
+        return bool(t.keep_ckpt_every) and (at % t.keep_ckpt_every == 0 or at == t.steps)
+
+    if dist.is_main and step and keep_due(step) and ckpt_path.exists() and \
+            not (ckpt_path.parent / f"step_{step:07d}.pt").exists():
+        keep_checkpoint(ckpt_path, step)  # killed between writing last.pt and keeping it
     sampler = make_sampler(policy.noise_scheduler, SamplerConfig(t.sampler, t.sampler_steps))
     # rank 0 evaluates, in batches of the global size, so the metrics are those of one process at B * W
     evals = eval_batches(eval_ds, cfg.data.eval_keysteps, t.B * W) if dist.is_main else []
@@ -569,7 +686,9 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
             "rng": _rng_state_to_save(device, dist), "fingerprint": fp, "semantic_config": semantic,
             "data_identity": identity, **({"world_size": W} if W > 1 else {})})
         last_good["step"] = step
-        record.write_steps(step_rows)
+        if keep_due(step):
+            keep_checkpoint(ckpt_path, step)
+        flush_steps()
 
     def summaries(mem) -> dict:
         timing = timer.summary()
@@ -580,7 +699,29 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
         cost = cost_summary(info["kind"], info["name"], info["count"], wall(), median, t.recipe_steps or t.steps)
         terms = sorted({k for r in step_rows[-1:] for k in r} - NON_LOSS_STEP_COLUMNS - {"step", "loss"})
         return {"timing": timing, "memory": mem.summary(), "cost": cost, "steps_done": step,
+                "progress_at": now_iso(), "step_time_recent_s": recent_step_time(step_rows),
                 "loss_terms": terms or record.data.get("loss_terms")}
+
+    # progress notes, every train.log_every_s of wall clock and after this session's first step: steps.csv
+    # appended, record.json's steps_done / progress_at / step_time_recent_s, and (bar off) one log line
+    first_done: dict = {}
+    last_note = {"at": None}
+
+    def progress_note(dt: float) -> None:
+        now = time.perf_counter()
+        if not first_done:
+            first_done.update(at=now, step=step, dt=dt)
+        elif last_note["at"] is not None and now - last_note["at"] < t.log_every_s:
+            return
+        last_note["at"] = now
+        flush_steps()
+        recent = recent_step_time(step_rows)
+        record.update(steps_done=step, progress_at=now_iso(), step_time_recent_s=recent)
+        if not t.progress:
+            done_here = step - first_done["step"]  # wall clock per step after the first (warm-up) one
+            per_step = (now - first_done["at"]) / done_here if done_here else first_done["dt"]
+            log.info("%s", progress_line(step, t.steps, step_rows[-1]["loss"], recent, per_step * (t.steps - step),
+                                         metric_rows[-1] if metric_rows else None))
 
     from tqdm.auto import tqdm
 
@@ -606,7 +747,7 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                 if dist.enabled:  # a signal to any rank stops every rank after this same step
                     signum = dist.all_reduce_max(signum or 0) or None
                 evaluate = step % t.eval_every == 0 or step == t.steps
-                save = step % t.ckpt_every == 0 or step == t.steps or signum is not None
+                save = step % t.ckpt_every == 0 or step == t.steps or signum is not None or keep_due(step)
                 if evaluate and dist.is_main:
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         gen = torch.Generator(device=device).manual_seed(t.seed)
@@ -631,8 +772,15 @@ def _train(cfg: RunConfig, policy, train_ds, eval_ds, record: RunRecord, ckpt_pa
                     dist.barrier()  # the others wait while rank 0 evaluates and writes
                 if signum is not None:
                     raise StopRequested(signum)
+                if dist.is_main:
+                    progress_note(dt)
             record.update(status="done", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summaries(mem))
             dist.barrier()
+    except Exception:
+        if dist.is_main:  # the failed run's steps.csv keeps the steps up to the failure (a NaN's approach)
+            with contextlib.suppress(OSError):
+                flush_steps()
+        raise
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)

@@ -33,18 +33,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MetaWorldEvalConfig:
-    """``episodes`` per task; ``seed_offset`` into the test seed block; ``max_keyposes`` per episode;
+    """``episodes`` per task; ``seed_offset`` into the test seed block; ``max_keyposes`` per episode (None:
+    ``default_max_keyposes`` of the evaluated data: door-open's demonstrations need 12 keyposes);
     ``sampler``/``sampler_steps`` for the policy (DDIM-k is much faster than DDPM-100); ``servo``: the
     executor (default: the data generator's)."""
 
     tasks: list[str] | None = None
     episodes: int = 10
     seed_offset: int = 0
-    max_keyposes: int = 10
+    seed_split: str = "test"  # "train": the training episodes' own seeds (debugging; not a held-out number)
+    max_keyposes: int | None = None  # None: twice the longest evaluated demonstration, at least 10
     sampler: str = "ddim"
     sampler_steps: int | None = 10
     video: int = 0  # the first `video` episodes of each task are written as GIFs
     servo: ServoConfig = field(default_factory=ServoConfig)
+
+
+def default_max_keyposes(keysteps_per_episode) -> int:
+    """Keypose budget of an episode: twice the longest demonstration among ``keysteps_per_episode`` (an
+    iterable of counts), at least 10 (RLBench's evaluators use 25 whatever the task)."""
+    return max(10, 2 * max(keysteps_per_episode, default=0))
 
 
 def generator_settings(meta) -> dict:
@@ -59,10 +67,20 @@ def generator_settings(meta) -> dict:
     return dict((extra or {}).get("settings") or {}) if isinstance(extra, dict) else {}
 
 
-def evaluation_seeds(meta, count: int, offset: int = 0) -> list[int]:
-    """``count`` test seeds of the dataset's test block, checked disjoint from its train and val seeds."""
+def evaluation_seeds(meta, count: int, offset: int = 0, split: str = "test") -> list[int]:
+    """``count`` test seeds of the dataset's test block, checked disjoint from its train and val seeds.
+    ``split="train"``: the dataset's own training seeds ``offset..offset+count`` instead (a policy replaying
+    the episodes it was fitted on: the first rung of debugging a policy that never succeeds; never a
+    held-out number)."""
     from harness.data.metaworld.tasks import split_seed
 
+    if split == "train":
+        train = [int(s) for s in (getattr(meta, "splits", None) or {}).get("train", [])]
+        if offset + count > len(train):
+            raise ValueError(f"the dataset has {len(train)} training seeds; asked for {count} from offset {offset}")
+        return train[offset:offset + count]
+    if split != "test":
+        raise ValueError(f"evaluation seeds come from 'test' or 'train', got {split!r}")
     base = int(generator_settings(meta).get("seed", 0))
     seeds = [split_seed(base, "test", offset + i) for i in range(count)]
     used = {int(s) for split in ("train", "val") for s in (getattr(meta, "splits", None) or {}).get(split, [])}
@@ -230,8 +248,9 @@ def oracle_episode(env, task: str, seed: int, stride: int, servo: ServoConfig,
 
 
 def make_predictor(policy, sampler_name: str, sampler_steps: int | None, device: torch.device):
-    """``predict(batch, seed, k) -> (8,)``: the policy's world-frame keypose; the sampling noise is seeded by
-    (episode seed, keypose index), so an episode repeats exactly whatever ran before it (any --workers)."""
+    """``predict(batch, seed, k) -> (8,)``: the policy's world-frame keypose; the sampling noise and the global
+    RNG are seeded by (episode seed, keypose index), so an episode repeats exactly whatever ran before it in
+    the process (any --workers, any earlier checkpoint)."""
     from harness.diffusion import SamplerConfig, make_sampler
     from harness.policy import world_actions
 
@@ -240,7 +259,10 @@ def make_predictor(policy, sampler_name: str, sampler_steps: int | None, device:
     def predict(batch: dict, seed: int, k: int) -> np.ndarray:
         batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
         gen = torch.Generator(device=device).manual_seed(int(seed) * 1000 + int(k))
-        with torch.no_grad():
+        # the global RNG too: a policy may draw from it inside (Mini-Diffuser shuffles its serialisation
+        # orders at test time), and an episode must not depend on what this process evaluated before
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(seed) * 1000 + int(k))
             actions = policy.sample(batch, sampler, generator=gen)
         return world_actions(actions, batch)[0].detach().cpu().double().numpy()
 

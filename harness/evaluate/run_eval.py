@@ -184,7 +184,7 @@ def _run_jobs(run_dir: Path, ckpt: Path, data_path, cfg: MetaWorldEvalConfig, jo
 
 def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str | None = None,
              workers: int = 1, oracle: bool | list[EpisodeResult] = True, write: bool = True,
-             timeout_s: float = 600.0) -> dict:
+             timeout_s: float = 600.0, out_dir: Path | None = None, record: bool = True) -> dict:
     """Closed-loop Meta-World evaluation of a run; returns the summary (see closed_loop.summarize) with the
     oracle's episodes under "oracle_episodes". ``oracle``: True (replay the expert on the same seeds),
     False, or the oracle episodes of an earlier evaluation on the same data, tasks and seeds (a sweep
@@ -198,7 +198,14 @@ def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str
     if cfg.servo == ServoConfig() and servo:  # the executor the data generator's oracle used
         cfg = replace(cfg, servo=ServoConfig(**servo))
     tasks = cfg.tasks or ds.summary()["tasks"]
-    seeds = evaluation_seeds(ds.meta, cfg.episodes, cfg.seed_offset)
+    requested = {k: v for k, v in asdict(cfg).items() if k != "servo"}  # what a re-run compares against
+    if cfg.max_keyposes is None:
+        from collections import Counter
+
+        from harness.evaluate.metaworld_eval import default_max_keyposes
+
+        cfg = replace(cfg, max_keyposes=default_max_keyposes(Counter((tv, key) for tv, key, _ in ds.index).values()))
+    seeds = evaluation_seeds(ds.meta, cfg.episodes, cfg.seed_offset, cfg.seed_split)
     jobs = [(t, s) for t in tasks for s in seeds]
     results = _run_jobs(run_dir, ckpt, data_path, cfg, jobs, True, workers, timeout_s)
     if isinstance(oracle, list):
@@ -211,18 +218,119 @@ def evaluate(target: str | os.PathLike, cfg: MetaWorldEvalConfig, data_path: str
         oracle_results = _run_jobs(run_dir, ckpt, data_path, cfg, jobs, False, workers, timeout_s) if oracle else None
     summary = summarize(results, oracle_results)
     summary.update(env="metaworld", tasks=tasks, seeds=seeds, run=str(run_dir), checkpoint=str(ckpt),
-                   config={k: v for k, v in asdict(cfg).items() if k != "servo"}, servo=asdict(cfg.servo),
+                   config=requested, max_keyposes=cfg.max_keyposes, servo=asdict(cfg.servo),
                    workers=workers)
-    if write:
-        out = run_dir / "eval_metaworld"
-        out.mkdir(exist_ok=True)
+    if write:  # out_dir: another folder than eval_metaworld/ (a kept checkpoint's); record: final success
+        out = out_dir or run_dir / "eval_metaworld"
+        out.mkdir(parents=True, exist_ok=True)
         write_episodes(out / "episodes.jsonl", results + (oracle_results or []))
         from harness.record import write_text_atomic
 
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
-        record_success(run_dir, summary, seeds=seeds, config=summary["config"])
+        if record:
+            record_success(run_dir, summary, seeds=seeds, config=summary["config"])
     summary["oracle_episodes"] = [r.to_dict() for r in oracle_results or []]
     return summary
+
+
+CURVE_FILE = "success_vs_steps.csv"
+CURVE_COLUMNS = ("step", "wall_time_s", "success_pct", "ci_low_pct", "ci_high_pct", "successes", "episodes",
+                 "excluded", "oracle_success_pct", "clipped_keyposes", "checkpoint")
+
+
+def evaluate_checkpoints(target: str | os.PathLike, cfg: MetaWorldEvalConfig, steps: list[int] | None = None,
+                         data_path: str | None = None, workers: int = 1, timeout_s: float = 600.0,
+                         oracle: bool | list[EpisodeResult] = True) -> list[dict]:
+    """Closed-loop success of every checkpoint a run kept (``train.keep_ckpt_every``: ``ckpt/step_<k>.pt``),
+    or of those at ``steps``, through ``evaluate`` (the same episodes, seeds and executor for each; the
+    oracle once). Per checkpoint: ``eval_metaworld/steps/step_<k>/{episodes.jsonl, summary.json}``; all
+    of them: ``eval_metaworld/success_vs_steps.csv`` (CURVE_COLUMNS; wall_time_s = the training wall
+    clock at that checkpoint) and record.json ``success_curve``. A checkpoint already evaluated with the
+    same settings and seeds is read back, not run again (re-running after more training adds the new
+    ones). ``oracle``: as ``evaluate`` (a list: the oracle's episodes of an earlier evaluation on the same
+    data; True: replayed once, at the first checkpoint). Returns the rows by step."""
+    from harness.checkpoint import kept_checkpoints, load_checkpoint
+    from harness.evaluate.closed_loop import read_episodes
+    from harness.record import write_text_atomic
+
+    run_dir, _ = resolve_run(target)
+    kept = kept_checkpoints(run_dir)
+    if steps is not None:
+        missing = sorted(set(steps) - {k for k, _ in kept})
+        if missing:
+            raise FileNotFoundError(f"{run_dir}: no kept checkpoint at steps {missing}; kept: "
+                                    f"{[k for k, _ in kept]} (train.keep_ckpt_every keeps them)")
+        kept = [(k, p) for k, p in kept if k in set(steps)]
+    if not kept:
+        raise FileNotFoundError(f"{run_dir}: no kept checkpoints ckpt/step_<k>.pt (train with "
+                                "train.keep_ckpt_every=K to keep them)")
+    settings = {k: v for k, v in asdict(cfg).items() if k != "servo"}
+    rows = []
+    for step, path in kept:
+        out = run_dir / "eval_metaworld" / "steps" / f"step_{step:07d}"
+        done = out / "summary.json"
+        summary = json.loads(done.read_text()) if done.is_file() else None
+        if summary is None or summary.get("config") != settings:
+            summary = evaluate(path, cfg, data_path, workers, oracle=oracle, timeout_s=timeout_s, out_dir=out,
+                               record=False)
+        if oracle is True:  # the oracle's episodes of the first checkpoint serve every later one
+            oracle = [r for r in read_episodes(out / "episodes.jsonl") if r.policy == "oracle"] or True
+        wall = load_checkpoint(path).get("wall_time_s")
+        lo, hi = summary["success_ci"]
+        rows.append({"step": step, "wall_time_s": wall, "success_pct": _pct(summary["success"]),
+                     "ci_low_pct": _pct(lo), "ci_high_pct": _pct(hi), "successes": summary["successes"],
+                     "episodes": summary["episodes"], "excluded": summary["excluded"],
+                     "oracle_success_pct": _pct(summary.get("oracle_success")),
+                     "clipped_keyposes": (summary.get("clipping") or {}).get("keyposes"),
+                     "checkpoint": path.name})
+    import csv
+    import io
+
+    previous = _read_curve(run_dir)
+    merged = {**{int(r["step"]): r for r in previous}, **{r["step"]: r for r in rows}}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CURVE_COLUMNS)
+    writer.writeheader()
+    for step in sorted(merged):
+        writer.writerow({k: merged[step].get(k) for k in CURVE_COLUMNS})
+    write_text_atomic(run_dir / "eval_metaworld" / CURVE_FILE, buf.getvalue())
+    _record_curve(run_dir, [merged[k] for k in sorted(merged)], settings)
+    return rows
+
+
+def _pct(v):
+    return None if v is None else round(100 * v, 4)
+
+
+def _read_curve(run_dir: Path) -> list[dict]:
+    import csv
+
+    path = run_dir / "eval_metaworld" / CURVE_FILE
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _record_curve(run_dir: Path, rows: list[dict], settings: dict) -> None:
+    """record.json ``success_curve``: {"env", "config", "points": [{step, wall_time_s, success_pct, ci, n}]}."""
+    from harness.record import RunRecord
+    from harness.runlock import RunFolderBusy, RunLock
+
+    def num(v):
+        return None if v in (None, "") else float(v)
+
+    points = [{"step": int(r["step"]), "wall_time_s": num(r["wall_time_s"]), "success_pct": num(r["success_pct"]),
+               "ci_pct": [num(r["ci_low_pct"]), num(r["ci_high_pct"])], "episodes": int(r["episodes"]),
+               "oracle_success_pct": num(r["oracle_success_pct"])} for r in rows]
+    try:
+        with RunLock(run_dir):
+            rec = RunRecord(run_dir)
+            rec.data = rec.load() or {}
+            rec.update(success_curve={"env": "metaworld", "config": settings, "points": points})
+    except RunFolderBusy as e:  # still training: the CSV has the curve; the record gets it on a later call
+        log.warning("%s; success_vs_steps.csv is written, record.json success_curve is not: run `mdh eval RUN "
+                    "--checkpoints` again when training has finished (evaluated checkpoints are read back)", e)
 
 
 def evaluate_rlbench(target: str | os.PathLike, cfg, test_root: str, data_path: str | None = None) -> dict:

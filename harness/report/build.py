@@ -15,6 +15,12 @@ from harness.report.collect import Run, discover_runs
 from harness.report.figures import fig2, fig4
 from harness.report.reference import PaperNumbers, load_paper_numbers
 from harness.report.render import Table, write_text
+from harness.report.success_curves import (
+    fig4_success,
+    final_success_table,
+    success_families,
+    time_to_success_table,
+)
 from harness.report.tables import (
     comparability_table,
     convergence_families,
@@ -133,6 +139,25 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None,
     thr = thresholds_table(families)
     parts.append(_section(thr, out_dir, files))
 
+    parts.append("## Fig. 4 in closed loop: success vs steps and hours\n")
+    success = success_families(families)
+    if not success:
+        parts.append("_No run has a success curve (`mdh eval RUN --checkpoints` over checkpoints kept with "
+                     "`train.keep_ckpt_every`): no closed-loop convergence figure. `make quick`'s budget does not "
+                     "resolve closed-loop success; sweeps/convergence_cpu.yaml does._\n\n")
+    for fam in success:
+        paths, data = fig4_success(fam, out_dir)
+        files += paths
+        files += data.write(out_dir).values()
+        parts.append(f"![{fam.name}]({paths[0].name})\n\n{fam.name}: {fam.label}. Files: [PNG]({paths[0].name}) · "
+                     f"[PDF]({paths[1].name}) · [plotted data CSV]({data.name}.csv)\n\n")
+    tts = time_to_success_table(success)
+    if success:
+        parts.append(_section(tts, out_dir, files))
+    final = final_success_table(families)
+    if final.rows:
+        parts.append(_section(final, out_dir, files))
+
     parts.append("## Fig. 2: training time vs memory\n")
     paths, data, skipped = fig2(runs, paper, out_dir)
     files += paths
@@ -149,5 +174,5 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None,
     parts += ["## Comparability\n", _section(comparability_table(runs), out_dir, files)]
     write_text(report.path, "\n".join(parts))
     files.append(report.path)
-    report.tables = {t.name: t for t in (t2, d2, t3, d3, thr)}
+    report.tables = {t.name: t for t in (t2, d2, t3, d3, thr, tts, final)}
     return report

@@ -111,9 +111,10 @@ def test_a_sweep_evaluates_its_done_runs_once_with_one_oracle(trained, tmp_path,
         "# test sweep\ndescription: eval stage\n"
         f"overrides: [model=minidiffuser, model.preset=tiny, data=metaworld, data.path={cfg.data.path}, "
         "data.workers=0, data.eval_keysteps=2, train.B=2, train.steps=2, train.eval_every=2, train.ckpt_every=2, "
-        "train.warmup_steps=1, train.device=cpu, train.progress=false, train.sampler=ddim, train.sampler_steps=2]\n"
+        "train.warmup_steps=1, train.device=cpu, train.progress=false, train.sampler=ddim, train.sampler_steps=2, "
+        "train.keep_ckpt_every=1]\n"
         "cells: [[train.M=1], [train.M=2]]\n"
-        "eval: {episodes: 1, max_keyposes: 2, sampler_steps: 2, tasks: reach-v3}\n")
+        "eval: {episodes: 1, max_keyposes: 2, sampler_steps: 2, tasks: reach-v3, checkpoints: true}\n")
     oracle_jobs = []
     real = run_eval._run_jobs
 
@@ -132,6 +133,10 @@ def test_a_sweep_evaluates_its_done_runs_once_with_one_oracle(trained, tmp_path,
         oracle_lines = [e for e in read_episodes(p.run_dir / "eval_metaworld" / "episodes.jsonl")
                         if e.policy == "oracle"]
         assert len(oracle_lines) == 1
+        # checkpoints: true -> every kept checkpoint evaluated too, with the sweep's one oracle
+        record = json.loads((p.run_dir / "record.json").read_text())
+        assert [pt["step"] for pt in record["success_curve"]["points"]] == [1, 2]
+        assert "success by step: 1: " in outcomes[p.run_dir.name]
     _, again = run_sweep(str(sweep), [], out=str(tmp_path / "out"))
     assert again == {} and len(oracle_jobs) == 1
     # the two runs met the same episode: `mdh eval compare` pairs it
@@ -151,3 +156,57 @@ def test_rlbench_without_the_simulator_says_what_to_install(trained, tmp_path, c
     rc = main(["eval", str(run_dir), "--env", "rlbench", "--test-data", str(tmp_path), "--tasks", "close_jar"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "CoppeliaSim 4.1.0, PyRep and the PerAct fork" in err
+
+
+def test_kept_checkpoints_are_each_evaluated_on_the_same_episodes(tmp_path, metaworld, capsys, monkeypatch):
+    """``mdh eval RUN --checkpoints``: every kept checkpoint through the one evaluation path, the oracle once, a
+    success-vs-steps curve with the training wall clock; re-running evaluates nothing again."""
+    from harness.evaluate import run_eval
+
+    metaworld.generate_suite(tmp_path / "suite", ["reach-v3"], test_episodes=2)
+    cfg = RunConfig(model=ModelConfig(name="minidiffuser", preset="tiny"),
+                    data=DataConfig(name="metaworld", path=str(tmp_path / "suite"), workers=0, eval_keysteps=4),
+                    train=TrainConfig(B=2, M=4, steps=4, eval_every=4, ckpt_every=2, keep_ckpt_every=2,
+                                      warmup_steps=1, device="cpu", progress=False, sampler="ddim",
+                                      sampler_steps=2, lr=0.05))
+    run_dir = tmp_path / "run"
+    assert run_training(cfg, run_dir)["status"] == "done"
+    args = ["eval", str(run_dir), "--checkpoints", "--episodes", "2", "--sampler-steps", "2", "--max-keyposes", "3",
+            "--json"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["step"] for r in rows] == [2, 4]
+    with open(run_dir / "eval_metaworld" / "success_vs_steps.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in curve] == [2, 4] and all(float(r["wall_time_s"]) > 0 for r in curve)
+    assert float(curve[0]["wall_time_s"]) < float(curve[1]["wall_time_s"])
+    record = json.loads((run_dir / "record.json").read_text())
+    assert [p["step"] for p in record["success_curve"]["points"]] == [2, 4]
+    # each step's episodes are exactly those of its own checkpoint evaluated directly
+    oracle_runs = []
+    for step in (2, 4):
+        folder = run_dir / "eval_metaworld" / "steps" / f"step_{step:07d}"
+        stored = read_episodes(folder / "episodes.jsonl")
+        assert {e.policy for e in stored} == {run_dir.name, "oracle"}
+        oracle_runs.append(_strip([e for e in stored if e.policy == "oracle"]))
+        mine = [e for e in stored if e.policy != "oracle"]
+        assert _strip(mine) == [{k: v for k, v in r.items() if k not in ("time_s", "attempts")}
+                                for r in _direct_episodes(run_dir, step)]
+    assert oracle_runs[0] == oracle_runs[1]  # the oracle once, the same episodes for every checkpoint
+    # idempotent: nothing is evaluated again
+    monkeypatch.setattr(run_eval, "_run_jobs", lambda *a, **k: pytest.fail("a kept checkpoint was evaluated twice"))
+    assert main(args) == 0
+    assert main(["eval", str(run_dir), "--checkpoints", "3", "--episodes", "2"]) == 2
+    assert "no kept checkpoint at steps [3]" in capsys.readouterr().err
+
+
+def _direct_episodes(run_dir, step):
+    """The episodes of checkpoint ``step`` evaluated in this process, apart from ``evaluate_checkpoints``."""
+    from dataclasses import asdict
+
+    from harness.evaluate.run_eval import _episodes_worker
+
+    cfg = MetaWorldEvalConfig(episodes=2, sampler_steps=2, max_keyposes=3)
+    seeds = json.loads((run_dir / "eval_metaworld" / "steps" / f"step_{step:07d}" / "summary.json").read_text())["seeds"]
+    return _episodes_worker(str(run_dir), str(run_dir / "ckpt" / f"step_{step:07d}.pt"), None,
+                            {**asdict(cfg), "_video_seeds": seeds}, [("reach-v3", s) for s in seeds], True)

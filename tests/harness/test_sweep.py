@@ -105,6 +105,24 @@ def test_failed_runs_are_retried_only_when_asked_and_status_names_died(data, tmp
     assert outcomes == {failed_dir.name: "done"}
 
 
+def test_status_shows_the_steps_a_running_run_recorded_between_checkpoints(tmp_path, capsys):
+    """A running run rewrites steps_done (and progress_at) every train.log_every_s: status shows that step,
+    not the checkpoint's, and how old the note is."""
+    from harness.runlock import RunLock
+
+    out = tmp_path / "out"
+    run_dir = out / "run-a"
+    five_min_ago = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - 300))
+    with RunLock(run_dir):  # a live holder: the run is running, not died
+        RunRecord(run_dir).update(status="running", steps_done=37, steps_total=200, checkpoint_step=20,
+                                  progress_at=five_min_ago)
+        [row] = sweep_status(out)
+        assert row["state"] == "running" and (row["step"], row["steps"]) == (37, 200)
+        assert row["progress_at"] == five_min_ago
+        assert main(["sweep", "status", str(out)]) == 0
+        assert "37/200 (5 min ago)" in capsys.readouterr().out
+
+
 def test_runs_that_fail_for_real_end_failed_and_are_retried_only_when_asked(data, tmp_path, capsys):
     """Cell 1 fails in training (its record exists: a missing train.init_weights file is found at step 0);
     cell 2 fails before its record exists (data.path missing: `mdh train` exits 2 after its checks). Both

@@ -166,7 +166,7 @@ def test_bad_configuration_fails_before_work(train_data, tmp_path, change, messa
             cfg.data.path = v
     with pytest.raises((ConfigError, ValueError), match=message):
         run_training(cfg, tmp_path / "bad")
-    assert not (tmp_path / "bad" / "ckpt").exists()
+    assert not (tmp_path / "bad").exists()  # refused at start: the new run folder is removed again
 
 
 def test_data_without_instruction_embeddings_is_refused(tmp_path, synth):
@@ -225,6 +225,7 @@ def test_cli_batch_larger_than_the_data_is_one_clear_line(train_data, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "mdh train: error: train.B=1000 but data.path=" in out.stderr and "fewer than one batch" in out.stderr
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()  # no run folder (lock, train_app.log) left by the refused launch
 
 
 def test_cli_bad_override_is_one_clear_line(train_data, tmp_path):
