@@ -178,3 +178,21 @@ def test_paired_comparison_pairs_the_same_seeds():
 
     half = t.ppf(0.975, 3) * d.std(ddof=1) / 2
     assert r["ci"] == pytest.approx([0.5 - half, 0.5 + half])
+
+
+def test_train_seeds_are_the_datasets_own_and_test_seeds_stay_held_out():
+    from types import SimpleNamespace
+
+    meta = SimpleNamespace(extra="{'settings': {'seed': 0}}",
+                           splits={"train": [0, 1, 2], "val": [1000000], "test": [2000000, 2000001]})
+    assert mw.evaluation_seeds(meta, 2, 1, split="train") == [1, 2]
+    assert mw.evaluation_seeds(meta, 2) == [2000000, 2000001]
+    with pytest.raises(ValueError, match="3 training seeds"):
+        mw.evaluation_seeds(meta, 3, 1, split="train")
+    with pytest.raises(ValueError, match="'test' or 'train'"):
+        mw.evaluation_seeds(meta, 1, split="val")
+
+
+def test_the_keypose_budget_covers_the_longest_demonstration_twice():
+    assert mw.default_max_keyposes([6, 12, 9]) == 24  # door-open's demonstrations need 12
+    assert mw.default_max_keyposes([3, 4]) == 10 and mw.default_max_keyposes([]) == 10
