@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from harness.diffusion import ScheduleConfig
 from harness.policy import check_number
 
+POSITION_NORMS = ("centred", "keypose_bounds")
+
 
 @dataclass
 class MiniDiffuserConfig:
@@ -22,8 +24,9 @@ class MiniDiffuserConfig:
     (position diffused; rotation bins + gripper from a classification head) or "joint" (position + 6D
     rotation diffused together, 3DDA-style; gripper from the head).
     ``official_quirks``: reproduce the released code's behaviours for comparison with it (text tiling; the
-    local-query voxel index computed once at the bottleneck from the batch-wide pooled minimum and
-    truncated toward zero; RoPE on queries only, applied before the q LayerNorm; decoder CPEs that see the
+    U-Net grid anchored at the batch-wide minimum coordinate, so observations of one batch share voxel
+    indices; the local-query voxel index computed once at the bottleneck from the batch-wide pooled minimum
+    and truncated toward zero; RoPE on queries only, applied before the q LayerNorm; decoder CPEs that see the
     skip branch only; patches padded with re-used points); the default is the fixed model (README table).
     """
 
@@ -63,6 +66,10 @@ class MiniDiffuserConfig:
     pos_loss: str = "l1"
     num_points: int = 4000
     official_quirks: bool = False
+    # the diffused position: "centred" (official: metres in the point-centred frame, noise N(0, I) of 1 m)
+    # or "keypose_bounds" (world frame scaled to [-1, 1] by the training keyposes' bounds + 0.04 m, as 3DDA
+    # and 3DFA; the network still sees metres, only the diffusion space is scaled)
+    position_norm: str = "centred"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     @property
@@ -109,6 +116,8 @@ class MiniDiffuserConfig:
             raise ValueError(f"unknown head {self.head!r}; choices: decoupled, joint")
         if self.shuffle_orders not in ("always", "train", "never"):
             raise ValueError(f"shuffle_orders must be always|train|never, got {self.shuffle_orders!r}")
+        if self.position_norm not in POSITION_NORMS:
+            raise ValueError(f"position_norm must be one of {POSITION_NORMS}, got {self.position_norm!r}")
         if self.pos_loss not in ("l1", "l2"):
             raise ValueError(f"pos_loss must be l1 or l2, got {self.pos_loss!r}")
         return self
@@ -127,7 +136,11 @@ PRESETS: dict[str, dict] = {
                   "transformer_channels": 96, "transformer_heads": 8,
                   # CPU cost: attention dropout draws a mask per score (B x heads x M x N for the queries)
                   # and the MLPs dominate at these widths; both measured with `mdh bench step`
-                  "attn_drop": 0.0, "mlp_ratio": 2},
+                  "attn_drop": 0.0, "mlp_ratio": 2,
+                  # policies that work on CPU budgets (issue 18, README "Policies that work"): positions
+                  # diffused in the keypose-bounds box with a schedule that reaches noise; the official
+                  # centred metres + scaled_linear: position_norm=centred schedule.schedule=scaled_linear
+                  "position_norm": "keypose_bounds", "schedule": {"schedule": "squaredcos_cap_v2"}},
     # the paper / official code (yaml L122-158)
     "paper": {"enc_channels": (36, 72, 144, 192, 384), "enc_heads": (2, 4, 8, 16, 32),
                   "dec_channels": (72, 72, 144, 192), "dec_heads": (4, 4, 8, 16), "stem_kernel": 5, "patch_size": 120,

@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minidiffuser.layers import Dropout
+
 
 class ActionHead(nn.Module):
     def __init__(self, in_channels: int, hidden: int, dropout: float, n_bins: int | None):
         super().__init__()
         self.n_bins = n_bins
         out = (n_bins * 3 if n_bins else 0) + 1
-        self.mlp = nn.Sequential(nn.Linear(in_channels + 3, hidden), nn.LeakyReLU(0.02), nn.Dropout(dropout),
+        self.mlp = nn.Sequential(nn.Linear(in_channels + 3, hidden), nn.LeakyReLU(0.02), Dropout(dropout),
                                  nn.Linear(hidden, out))
 
     def forward(self, global_feat: torch.Tensor, position: torch.Tensor):

@@ -29,7 +29,9 @@ REQUIRED_KEYS = ("points", "colors", "height", "point_mask", "text_tokens", "tex
 class MiniDiffuser(nn.Module):
     shares_condition = True
 
-    def __init__(self, cfg: MiniDiffuserConfig):
+    def __init__(self, cfg: MiniDiffuserConfig, bounds: tuple[list, list] | None = None):
+        """``bounds``: (low, high) world-frame keypose bounds, needed by ``position_norm="keypose_bounds"``
+        (a checkpoint restores them)."""
         super().__init__()
         self.cfg = self.config = cfg.validate()
         self.action_dim = cfg.action_dim
@@ -47,16 +49,45 @@ class MiniDiffuser(nn.Module):
         self.head = ActionHead(final_channels, cfg.head_hidden, cfg.head_dropout,
                                self.n_bins if cfg.head == "decoupled" else None)
         self.apply(init_weights)
+        if cfg.position_norm == "keypose_bounds":  # saved with the weights: evaluation needs the same box
+            low, high = (torch.tensor(v, dtype=torch.float32) for v in (bounds or ([-1.0] * 3, [1.0] * 3)))
+            self.register_buffer("pos_low", low)
+            self.register_buffer("pos_high", high)
+
+    def position_bounds(self) -> dict | None:
+        """{"low", "high"} (m, world frame) of the box the diffused position is scaled by; None when the
+        position is diffused in centred metres. The harness records it (record.json ``keypose_bounds``)."""
+        if self.cfg.position_norm == "centred":
+            return None
+        return {"low": [round(float(v), 6) for v in self.pos_low], "high": [round(float(v), 6) for v in self.pos_high]}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------------------ protocol
+    # ------------------------------------------------------------------------------ position space
+    def _to_diffusion(self, pos: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """(..., 3) centred metres -> the diffused position space (``position_norm``)."""
+        if self.cfg.position_norm == "centred":
+            return pos
+        shape = (-1,) + (1,) * (pos.dim() - 2) + (3,)
+        world = pos + offset.to(pos).reshape(shape)
+        return 2 * (world - self.pos_low) / (self.pos_high - self.pos_low) - 1
+
+    def _to_centred(self, x: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """(..., D) diffused sample -> the same with its position in centred metres (what the network reads)."""
+        if self.cfg.position_norm == "centred":
+            return x
+        shape = (-1,) + (1,) * (x.dim() - 2) + (3,)
+        world = (x[..., :3] + 1) / 2 * (self.pos_high - self.pos_low) + self.pos_low
+        return torch.cat([world - offset.to(x).reshape(shape), x[..., 3:]], dim=-1)
+
     def diffusion_target(self, batch: dict) -> torch.Tensor:
         target = batch["target"]
+        pos = self._to_diffusion(target[:, :3], batch.get("offset"))
         if self.cfg.head == "decoupled":
-            return target[:, :3]
-        return torch.cat([target[:, :3], quat_to_6d(target[:, 3:7])], dim=-1)
+            return pos
+        return torch.cat([pos, quat_to_6d(target[:, 3:7])], dim=-1)
 
     def encode(self, batch: dict) -> Condition:
         missing = [k for k in REQUIRED_KEYS if k not in batch]
@@ -73,9 +104,9 @@ class MiniDiffuser(nn.Module):
             levels = self.backbone(points, feats, mask, text, batch["text_mask"])
             final = levels[-1]
             global_feat = final.feat.masked_fill(~final.mask[..., None], float("-inf")).amax(1)
-            return Condition(levels, pooled, torch.nan_to_num(global_feat, neginf=0.0))
+            return Condition(levels, pooled, torch.nan_to_num(global_feat, neginf=0.0), batch.get("offset"))
         b, n = mask.nonzero(as_tuple=True)
-        level0 = make_level(feats[b, n], points[b, n], b, B, self.cfg.grid_size)
+        level0 = make_level(feats[b, n], points[b, n], b, B, self.cfg.grid_size, batch_origin=self.cfg.official_quirks)
         point_levels, convs = self.backbone(level0, text, batch["text_mask"])
         levels = []
         for i, lv in enumerate(point_levels):
@@ -85,10 +116,10 @@ class MiniDiffuser(nn.Module):
         final = point_levels[-1]
         global_feat = final.feat.new_zeros(B, final.feat.shape[1]).scatter_reduce(
             0, final.batch[:, None].expand_as(final.feat), final.feat, "amax", include_self=False)
-        return Condition(levels, pooled, global_feat)
+        return Condition(levels, pooled, global_feat, batch.get("offset"))
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-        return self.query(x_t, t, condition)
+        return self.query(self._to_centred(x_t, condition.offset), t, condition)
 
     def loss(self, batch: dict, level2, condition: Condition) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -118,6 +149,7 @@ class MiniDiffuser(nn.Module):
         device = batch["points"].device
         x = initial_sample(self.noise_scheduler, (cond.batch_size, 1, self.action_dim), generator, device)
         x = run_sampler(lambda x, t: self.denoise(x, t, cond), x, sampler, generator)[:, 0]
+        x = self._to_centred(x, cond.offset)
         pos = x[:, :3]
         rot_logits, open_logit = self.head(cond.global_feat, pos)
         if rot_logits is not None:
@@ -132,7 +164,12 @@ def build(config: MiniDiffuserConfig, data_info: DataInfo | None = None) -> Mini
     if data_info is not None and data_info.text_dim is not None and data_info.text_dim != config.text_dim:
         raise ValueError(f"the instruction embeddings are {data_info.text_dim}-d but the model expects "
                          f"{config.text_dim} (set model.options.text_dim={data_info.text_dim})")
-    return MiniDiffuser(config)
+    bounds = None
+    if config.position_norm == "keypose_bounds":
+        bounds = data_info.keypose_bounds() if data_info is not None else None
+        if bounds is None:  # a placeholder box; a checkpoint's buffers replace it (evaluation, resume)
+            bounds = ([-1.0] * 3, [1.0] * 3)
+    return MiniDiffuser(config, bounds)
 
 
 def import_official(ckpt, out_dir, data_path: str | None = None) -> dict:

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minidiffuser.layers import (
+    Dropout,
     FiLMNorm,
     GroupedAttention,
     Mlp,
@@ -46,12 +48,14 @@ class Condition:
     """The encoded observation, computed once and shared by all M samples.
 
     levels: one ``QueryLevel`` per neck; pooled_text (B, context) attention-pooled instruction;
-    global_feat (B, C) max-pooled final point features for the rotation/gripper head.
+    global_feat (B, C) max-pooled final point features for the rotation/gripper head; offset (B, 3) the
+    centring offset, kept when the policy diffuses positions in a normalised world frame.
     """
 
     levels: list[QueryLevel]
     pooled_text: torch.Tensor
     global_feat: torch.Tensor
+    offset: torch.Tensor | None = None  # (B, 3) the batch's centring offset (normalised position spaces)
 
     @property
     def batch_size(self) -> int:
@@ -71,9 +75,11 @@ class NeckBlock(nn.Module):
                                      rope_before_norm=rope_before_norm)
         self.mlp = Mlp(dim, dim * mlp_ratio, drop=proj_drop)
 
-    def forward(self, q: torch.Tensor, context: torch.Tensor, level: QueryLevel, q_xyz: torch.Tensor):
-        q = q + self.attn(self.norm1(q, context), level.feat, level.mask, q_xyz, level.coord)
-        return q + self.mlp(self.norm2(q, context))
+    def forward(self, q: torch.Tensor, context: torch.Tensor, level: QueryLevel, q_xyz: torch.Tensor,
+                activated: bool = False):
+        """``activated``: ``context`` is SiLU(context) already (see ``FiLMNorm``)."""
+        q = q + self.attn(self.norm1(q, context, activated), level.feat, level.mask, q_xyz, level.coord)
+        return q + self.mlp(self.norm2(q, context, activated))
 
 
 def voxel_of(xyz: torch.Tensor, origin: torch.Tensor, grid_size: float, truncate: bool = False) -> torch.Tensor:
@@ -107,7 +113,7 @@ class QueryStream(nn.Module):
             NeckBlock(d, c, cfg.query_heads, ctx, cfg.mlp_ratio, cfg.attn_drop, cfg.proj_drop, cfg.rope3d,
                       rope_keys=not cfg.official_quirks, rope_before_norm=cfg.official_quirks)
             for c in level_channels)
-        self.denoise_mlp = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.02), nn.Dropout(cfg.head_dropout),
+        self.denoise_mlp = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.02), Dropout(cfg.head_dropout),
                                          nn.Linear(d, cfg.action_dim))
 
     def context(self, t: torch.Tensor, pooled_text: torch.Tensor) -> torch.Tensor:
@@ -130,7 +136,8 @@ class QueryStream(nn.Module):
         B, M, _ = x_t.shape
         xyz = x_t[..., :3]
         q = self.anchor_proj(x_t)
-        context = self.context(t, cond.pooled_text)
+        # every FiLM layer reads SiLU(context): computed once here, not in each of the 2 x levels layers
+        context = F.silu(self.context(t, cond.pooled_text))
         quirk_voxels = None
         for i, (level, neck) in enumerate(zip(cond.levels, self.necks)):
             if self.local_query:
@@ -144,5 +151,5 @@ class QueryStream(nn.Module):
                 qb = torch.arange(B, device=x_t.device)[:, None].expand(B, M)
                 local = lookup(vox.reshape(B * M, 3), qb.reshape(B * M), level.grid, level.batch, level.conv_feat)
                 q = q + local.view(B, M, -1)
-            q = neck(q, context, level, xyz)
+            q = neck(q, context, level, xyz, activated=True)
         return self.denoise_mlp(q)

@@ -13,10 +13,24 @@ Algorithm (gather - matmul - scatter, as in spconv's "native" algorithm):
    key of ``site + offset`` is ``key + packed(offset)``. Keys are sorted once.
 2. Neighbour map: for all ``k**3`` offsets at once, ``torch.searchsorted`` finds the input site at
    ``out_site + offset`` (same batch item); the hits become ``(in_idx, out_idx)`` pairs grouped by offset.
-3. Convolution: ``out = feat @ W[center]`` then, per offset ``o``,
-   ``out.index_add_(0, out_idx, feat[in_idx] @ W[o])``. Autograd handles the backward. (Measured faster on
-   CPU than one big gather-GEMM over a dense (N, k**3) neighbour table: surface-like clouds fill only ~8 of
-   the 27 offsets per site.) There is no spconv fast path for CUDA; the same code runs there.
+3. Convolution: ``out = bias + feat @ W[center]`` (the centre offset pairs every site with itself), then the
+   other offsets in one or two GROUPS (:meth:`NeighborMap.plan`): a group's offsets, sorted by pair count,
+   are padded to the group's largest count and multiplied by one ``torch.bmm``. Gather and scatter are
+   sparse-CSR x dense products (``T @ feat`` puts each pair's input row in place, zeros in the padding;
+   ``S @ Y`` sums each output site's pair rows in a fixed order) and the backward is written out
+   (:class:`_SubMConvFunction`): ``T^T @ dX`` and ``S^T @ dOut`` are again CSR products, so no kernel
+   scatters with ``index_add_`` / ``index_put_``. Why: a convolution is ~20 kernels forward and backward
+   together, not ~4 per offset (26 matmuls with their gathers and ``index_add_`` scatters forward, twice
+   that backward, ~230 in all): on a shared
+   2-core CPU every parallel kernel can wait a scheduler time slice for its second thread, and the
+   per-offset loop made the sparse convolutions most of a training step. ``index_add_`` on CPU runs a
+   parallel radix sort (several parallel regions per call, 10-100x slower than a CSR product on a loaded
+   machine) and ``index_put_(accumulate=True)`` (the backward of ``x[idx]``) is not even deterministic with
+   2 threads; the CSR products are deterministic and sum every row in the same order whatever the other
+   rows hold. Not a dense (N, k**3) neighbour table: surface-like clouds fill only ~3-10 of the 27 offsets
+   per site. Off CPU (CUDA, autocast) and for small levels (fewer than ``CSR_MIN_ELEMENTS`` gathered
+   values: the index kernels then run on one thread) the same groups run through autograd
+   (``index_select`` / ``bmm`` / ``index_add``); there is no spconv fast path.
 
 Offset ordering and orientation match ``torch.nn.Conv3d`` (cross-correlation) on a dense volume laid out as
 ``(batch, C, X, Y, Z)``: offset ``o = i*k*k + j*k + l`` is the displacement ``(i - r, j - r, l - r)`` with
@@ -29,7 +43,8 @@ Shapes: ``N`` active sites, ``grid`` int (N, 3), ``batch`` int (N,), features (N
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -179,6 +194,14 @@ class NeighborMap:
     offset_ptr: tuple[int, ...]
     kernel_size: int
     num_sites: int
+    _plan: ConvPlan | None = field(default=None, repr=False, compare=False)
+
+    def plan(self, max_groups: int = 2) -> ConvPlan:
+        """The non-centre offsets with pairs, as at most ``max_groups`` :class:`OffsetGroup` with their gather /
+        scatter rows (built once per map and cached: every layer convolving on this map reuses it)."""
+        if self._plan is None or len(self._plan.groups) > max_groups:
+            self._plan = _conv_plan(self, max_groups)
+        return self._plan
 
     @property
     def kernel_volume(self) -> int:
@@ -201,10 +224,122 @@ class NeighborMap:
         return self.in_idx[s:e], self.out_idx[s:e]
 
     def to(self, device: torch.device | str) -> NeighborMap:
-        """Copy of the map with index tensors on ``device``."""
+        """Copy of the map with index tensors on ``device`` (the plan is rebuilt there when needed)."""
         return NeighborMap(
             self.in_idx.to(device), self.out_idx.to(device), self.offset_ptr, self.kernel_size, self.num_sites
         )
+
+
+@dataclass
+class OffsetGroup:
+    """Offsets convolved together by one batched matmul (see :meth:`NeighborMap.plan`).
+
+    ``offsets`` int64 (G,); ``rows``: (start, stop) of the group's G * L padded pair rows in the plan's row
+    layout; ``length`` L, the largest pair count among the G offsets.
+    """
+
+    offsets: torch.Tensor
+    rows: tuple[int, int]
+    length: int
+
+
+@dataclass
+class ConvPlan:
+    """How :func:`submanifold_conv3d` runs on one neighbour map: the groups and, over R padded pair rows,
+    ``gather`` (R,) input site of each row and ``scatter`` (R,) output site (both -1 on padding rows), and
+    the CSR matrices built from them (lazily, per dtype): T (R x N) and S (N x R) with one 1 per real row,
+    and their transposes."""
+
+    groups: list[OffsetGroup]
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    num_sites: int
+    _csr: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.gather.numel())
+
+    def matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(T, T^T, S, S^T) as sparse CSR tensors of ``dtype``."""
+        if dtype not in self._csr:
+            real = torch.nonzero(self.gather >= 0).squeeze(1)
+            T, Tt = _selection_csr(real, self.gather[real], self.num_rows, self.num_sites, dtype)
+            St, S = _selection_csr(real, self.scatter[real], self.num_rows, self.num_sites, dtype)
+            self._csr[dtype] = (T, Tt, S, St)
+        return self._csr[dtype]
+
+
+def _selection_csr(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, dtype: torch.dtype):
+    """CSR (n_rows x n_cols) with a 1 at each (rows[i], cols[i]) (``rows`` ascending, unique) and its
+    transpose; the transpose's entries of one row keep the ascending order of ``rows``."""
+    device = rows.device
+    ones = torch.ones(len(rows), dtype=dtype, device=device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    crow = torch.cat([zero, torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)])
+    by_col, perm = torch.sort(cols, stable=True)
+    crow_t = torch.cat([zero, torch.cumsum(torch.bincount(by_col, minlength=n_cols), 0)])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+        warnings.simplefilter("ignore", UserWarning)
+        fwd = torch.sparse_csr_tensor(crow, cols, ones, size=(n_rows, n_cols), check_invariants=False)
+        bwd = torch.sparse_csr_tensor(crow_t, rows[perm], ones, size=(n_cols, n_rows), check_invariants=False)
+    return fwd, bwd
+
+
+def split_sorted_counts(counts: list[int], max_groups: int, group_cost: float) -> list[tuple[int, int]]:
+    """Split counts sorted in descending order into at most ``max_groups`` contiguous runs minimising the
+    padded rows (each run costs len(run) x its first count) plus ``group_cost`` per run. Returns
+    [(start, stop), ...]. Exact dynamic programme (n <= k**3 - 1, groups <= 3)."""
+    n = len(counts)
+    if n == 0:
+        return []
+    inf = float("inf")
+    # best[g][j]: cheapest cost of the first j counts in g runs; cut[g][j]: start of the last run
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                c = best[g - 1][i] + (j - i) * counts[i] + group_cost
+                if c < best[g][j]:
+                    best[g][j], cut[g][j] = c, i
+    g = min(range(1, max_groups + 1), key=lambda g: best[g][n])
+    runs, j = [], n
+    while g:
+        i = cut[g][j]
+        runs.append((i, j))
+        j, g = i, g - 1
+    return runs[::-1]
+
+
+def _conv_plan(nm: NeighborMap, max_groups: int) -> ConvPlan:
+    counts = nm.counts()
+    live = sorted((o for o in range(nm.kernel_volume) if o != nm.center and counts[o]),
+                  key=lambda o: (-counts[o], o))
+    total = sum(counts[o] for o in live)
+    # an extra group (a bmm forward, two backward) pays when it saves > 1/8 of the pairs (and > 1024
+    # rows). Measured on the small preset's 1 cm tabletop clouds: one group pads the pairs 2-3.7x, two
+    # groups 1.0-1.3x, a third saves < 10 % more
+    runs = split_sorted_counts([counts[o] for o in live], max_groups, group_cost=max(total / 8, 1024))
+    device = nm.in_idx.device
+    groups, gathers, scatters = [], [], []
+    row = 0
+    for start, stop in runs:
+        offs = live[start:stop]
+        length = counts[offs[0]]
+        first = torch.tensor([nm.offset_ptr[o] for o in offs], device=device)
+        n_pairs = torch.tensor([counts[o] for o in offs], device=device)
+        j = torch.arange(length, device=device)
+        valid = (j[None, :] < n_pairs[:, None]).reshape(-1)  # (G * L,)
+        pos = (first[:, None] + j[None, :]).reshape(-1).clamp(max=max(len(nm.in_idx) - 1, 0))
+        gathers.append(torch.where(valid, nm.in_idx[pos], -1))
+        scatters.append(torch.where(valid, nm.out_idx[pos], -1))
+        groups.append(OffsetGroup(torch.tensor(offs, device=device), (row, row + len(offs) * length), length))
+        row += len(offs) * length
+    empty = nm.in_idx.new_zeros(0)
+    return ConvPlan(groups, torch.cat(gathers) if gathers else empty, torch.cat(scatters) if scatters else empty,
+                    nm.num_sites)
 
 
 def build_neighbor_map(
@@ -298,16 +433,86 @@ def submanifold_conv3d(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[2],):
         raise ValueError(f"bias must have shape ({weight.shape[2]},), got {_shape(bias)}")
-    c = nm.center
-    out = feat @ weight[c]  # the zero offset pairs every site with itself
-    for o in range(nm.kernel_volume):
-        s, e = nm.offset_ptr[o], nm.offset_ptr[o + 1]
-        if o == c or s == e:
-            continue
-        out.index_add_(0, nm.out_idx[s:e], feat.index_select(0, nm.in_idx[s:e]) @ weight[o])
-    if bias is not None:
-        out = out + bias
-    return out
+    plan = nm.plan()
+    if (feat.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and plan.num_rows * max(weight.shape[1], weight.shape[2]) >= CSR_MIN_ELEMENTS):
+        return _SubMConvFunction.apply(feat, weight, bias, nm.center, plan)
+    return _grouped_conv(feat, weight, bias, nm.center, plan)
+
+
+# A CSR product always runs on every thread; below torch's parallel grain size (32768 elements) the index
+# kernels of the autograd path run on one, so small levels take that path (each parallel region can cost a
+# scheduler time slice on a loaded machine: 7 ms for a 234-row product with 2 threads, 0.02 ms with 1)
+CSR_MIN_ELEMENTS = 32768
+
+
+def _grouped_conv(feat, weight, bias, center: int, plan: ConvPlan) -> torch.Tensor:
+    """The same sum through autograd (any device, autocast): gathers, batched matmuls, one ``index_add_``."""
+    w = weight[center]
+    out = feat @ w if bias is None else torch.addmm(bias.to(feat.dtype), feat, w.to(feat.dtype))
+    if not plan.groups:
+        return out
+    real = plan.gather >= 0
+    x = feat.index_select(0, plan.gather.clamp(min=0)) * real[:, None].to(feat.dtype)
+    ys = [torch.bmm(x[a:b].view(len(g.offsets), g.length, -1), weight[g.offsets].to(x.dtype))
+          for g in plan.groups for a, b in [g.rows]]
+    y = torch.cat([v.reshape(-1, v.shape[-1]) for v in ys])
+    acc = torch.cat([out, out.new_zeros(1, out.shape[1])])  # row N: the padding rows' dummy
+    scatter = torch.where(real, plan.scatter, plan.num_sites)
+    return acc.index_add(0, scatter, y.to(acc.dtype))[: plan.num_sites]
+
+
+class _SubMConvFunction(torch.autograd.Function):
+    """CPU submanifold convolution over a :class:`ConvPlan` with a hand-written backward (module docstring,
+    step 3). Forward: out = bias + feat @ W_c + S @ Y, Y = the groups' bmm of X = T @ feat. Backward:
+    dW_c = feat^T dOut, dY = S^T dOut, dW_g = X_g^T dY_g, dX_g = dY_g W_g^T, dFeat = dOut W_c^T + T^T dX.
+    X is recomputed in the backward rather than kept (one CSR product; saves ~60 MB a step at small)."""
+
+    @staticmethod
+    def forward(ctx, feat, weight, bias, center, plan):
+        ctx.center, ctx.plan, ctx.has_bias = center, plan, bias is not None
+        ctx.save_for_backward(feat, weight)
+        w_c = weight[center]
+        out = feat @ w_c if bias is None else torch.addmm(bias, feat, w_c)
+        if not plan.groups:
+            return out
+        T, _, S, _ = plan.matrices(feat.dtype)
+        x = T @ feat  # (R, C_in), zero rows where padded
+        y = feat.new_empty(plan.num_rows, weight.shape[2])
+        for g in plan.groups:
+            a, b = g.rows
+            torch.bmm(x[a:b].view(len(g.offsets), g.length, -1), weight.index_select(0, g.offsets),
+                      out=y[a:b].view(len(g.offsets), g.length, -1))
+        return torch.addmm(out, S, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        feat, weight = ctx.saved_tensors
+        plan, c = ctx.plan, ctx.center
+        grad = grad.contiguous()
+        need_feat, need_w, need_b = ctx.needs_input_grad[:3]
+        d_feat = grad @ weight[c].t() if need_feat else None
+        d_w = torch.zeros_like(weight) if need_w else None
+        if need_w:
+            torch.mm(feat.t(), grad, out=d_w[c])
+        d_b = grad.sum(0) if need_b and ctx.has_bias else None
+        if plan.groups and (need_feat or need_w):
+            T, Tt, _, St = plan.matrices(feat.dtype)
+            dy = St @ grad  # (R, C_out), zero rows where padded
+            x = T @ feat if need_w else None
+            dx = feat.new_empty(plan.num_rows, feat.shape[1]) if need_feat else None
+            for g in plan.groups:
+                a, b = g.rows
+                n = len(g.offsets)
+                dy_g = dy[a:b].view(n, g.length, -1)
+                if need_w:
+                    d_w.index_copy_(0, g.offsets, torch.bmm(x[a:b].view(n, g.length, -1).transpose(1, 2), dy_g))
+                if need_feat:
+                    torch.bmm(dy_g, weight.index_select(0, g.offsets).transpose(1, 2),
+                              out=dx[a:b].view(n, g.length, -1))
+            if need_feat:
+                d_feat = torch.addmm(d_feat, Tt, dx)
+        return d_feat, d_w, d_b, None, None
 
 
 class SubMConv3d(nn.Module):
@@ -437,4 +642,6 @@ def lookup(
         return feat.new_zeros(q, feat.shape[1])
     vh = _VoxelHash(grid, batch, margin=0, gname="grid", bname="batch", allow_duplicates=allow_duplicates)
     idx, found = vh.find(vh.pack_queries(query_grid, query_batch))
-    return torch.where(found.unsqueeze(1), feat[idx], feat.new_zeros(()))
+    # index_select, not feat[idx]: many queries share a voxel, and the backward of feat[idx] (an accumulating
+    # index_put_) sums their gradients in a thread-dependent order on CPU; index_select's does not
+    return torch.where(found.unsqueeze(1), feat.index_select(0, idx), feat.new_zeros(()))

@@ -6,7 +6,8 @@ so patches never straddle observations) and attends inside patches of ``patch_si
 the last patch of an observation is padded and its padding masked (the official code re-uses real points
 instead, counting them twice). Grid coordinates are taken relative to each observation's own minimum, so
 an observation's features never depend on the others' coordinates (the official code uses the batch-wide
-minimum); only training-mode BatchNorm statistics mix observations, as in the original.
+minimum: ``make_level(batch_origin=True)`` under ``official_quirks``); only training-mode BatchNorm
+statistics mix observations, as in the original.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidiffuser.layers import GroupedAttention, Mlp, group_rank, to_padded
+from minidiffuser.layers import Dropout, GroupedAttention, Mlp, group_rank, to_padded
 from minidiffuser.points.serialization import serialize
 from minidiffuser.points.sparse_conv import SubMConv3d, build_neighbor_map
 
@@ -44,18 +45,27 @@ class PointLevel:
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
     parent: torch.Tensor | None = None
+    # structures of this level's sites, built once per forward and shared (by reference) with every level
+    # object ``with_feat`` derives from it, so all layers of a level (encoder and decoder stage alike) reuse
+    # them: neighbour maps (with their convolution plans) by kernel size, patch layouts by (kind, K)
     _nmaps: dict | None = None
     # official_quirks: the features the next CPE convolves when they differ from ``feat`` (Pointcept's
     # SerializedUnpooling refreshes point.feat but not the sparse tensor the CPE reads: the skip branch)
     cpe_feat: torch.Tensor | None = None
+    _layouts: dict | None = None
 
     @property
     def max_len(self) -> int:
         return int(self.counts.max()) if len(self.counts) else 0
 
     def with_feat(self, feat: torch.Tensor) -> PointLevel:
+        if self._nmaps is None:
+            self._nmaps = {}
+        if self._layouts is None:
+            self._layouts = {}
         return PointLevel(feat, self.coord, self.grid, self.batch, self.origin, self.grid_size, self.num_groups,
-                          self.rank, self.counts, self.order, self.inverse, self.parent, self._nmaps)
+                          self.rank, self.counts, self.order, self.inverse, self.parent, self._nmaps,
+                          _layouts=self._layouts)
 
     def neighbor_map(self, kernel_size: int):
         if self._nmaps is None:
@@ -63,6 +73,25 @@ class PointLevel:
         if kernel_size not in self._nmaps:
             self._nmaps[kernel_size] = build_neighbor_map(self.grid, self.batch, kernel_size)
         return self._nmaps[kernel_size]
+
+    def patch_layout(self, K: int, official: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """How serialized attention lays this level's points out in patches of K (cached per (kind, K)).
+
+        Returns (src (T,): the point (flat index) in each of the T patch slots, in curve order; valid (T,) bool
+        or None: real slots (the fixed model masks its padding slots; official_quirks fills them with re-used
+        points, unmasked); slot (N,): each point's slot). Padding slots of the fixed model read point 0:
+        as keys they are masked and as queries their outputs are never read, so what they hold does not matter
+        (one gather instead of zero-fill + scatter, and exact zero gradients into point 0)."""
+        if self._layouts is None:
+            self._layouts = {}
+        key = ("official" if official else "masked", K)
+        if key not in self._layouts:
+            if official:
+                idx, pos = reuse_padding(self.counts, K)
+                self._layouts[key] = (self.order[idx], None, pos[self.inverse])
+            else:
+                self._layouts[key] = _masked_patch_layout(self.order, self.inverse, self.batch, self.counts, K)
+        return self._layouts[key]
 
     def padded(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """Flat (N, ...) -> (B, max_len, ...) zero-padded (default: this level's features)."""
@@ -74,6 +103,23 @@ class PointLevel:
 
     def unpadded(self, x: torch.Tensor) -> torch.Tensor:
         return x[self.batch, self.rank]
+
+
+def _masked_patch_layout(order, inverse, batch, counts, K: int):
+    """``PointLevel.patch_layout`` of the fixed model: each observation's points in curve order, padded to a
+    multiple of K with masked slots."""
+    N = len(order)
+    b_sorted = batch[order]
+    starts = torch.cumsum(counts, 0) - counts
+    padded = torch.div(counts + K - 1, K, rounding_mode="floor") * K
+    pad_starts = torch.cumsum(padded, 0) - padded
+    pos = pad_starts[b_sorted] + torch.arange(N, device=order.device) - starts[b_sorted]
+    total = int(padded.sum())
+    src = torch.zeros(total, dtype=order.dtype, device=order.device)
+    src[pos] = order
+    valid = torch.zeros(total, dtype=torch.bool, device=order.device)
+    valid[pos] = True
+    return src, valid, pos[inverse]
 
 
 def voxel_clusters(grid: torch.Tensor, batch: torch.Tensor):
@@ -94,16 +140,26 @@ def segment_mean(x: torch.Tensor, inverse: torch.Tensor, n: int) -> torch.Tensor
     return x.new_zeros(n, *x.shape[1:]).index_add_(0, inverse, x) / counts.view(-1, *[1] * (x.ndim - 1))
 
 
-def make_level(feat, coord, batch, num_groups: int, grid_size: float) -> PointLevel:
+def make_level(feat, coord, batch, num_groups: int, grid_size: float, batch_origin: bool = False) -> PointLevel:
     """Finest level from flat points (N, C), (N, 3), (N,) sorted by batch.
 
     The grid is anchored at each observation's minimum coordinate. Points sharing a voxel (augmentation
     can move two 1 cm voxels into one) are merged by averaging features and coordinates, so every
     active site is unique, as submanifold convolution requires.
+
+    ``batch_origin`` (official_quirks): anchor every observation's grid at the minimum over the WHOLE
+    batch instead, as the released code does (Pointcept's ``Point``: ``grid_coord = trunc((coord -
+    coord.min(0)) / grid_size)`` over the concatenated batch); then one observation's voxel indices,
+    merged voxels and hence features depend on the other observations of its batch (a Level-1 leak).
+    ``origin`` (B, 3) holds that one minimum in every row.
     """
-    big = torch.full((num_groups, 3), float("inf"), device=coord.device, dtype=coord.dtype)
-    origin = big.scatter_reduce(0, batch[:, None].expand(-1, 3), coord, "amin", include_self=True)
-    origin = torch.where(torch.isfinite(origin), origin, torch.zeros_like(origin))
+    if batch_origin:
+        low = coord.amin(0) if len(coord) else coord.new_zeros(3)
+        origin = low.expand(num_groups, 3).contiguous()
+    else:
+        big = torch.full((num_groups, 3), float("inf"), device=coord.device, dtype=coord.dtype)
+        origin = big.scatter_reduce(0, batch[:, None].expand(-1, 3), coord, "amin", include_self=True)
+        origin = torch.where(torch.isfinite(origin), origin, torch.zeros_like(origin))
     grid = torch.floor((coord - origin[batch]) / grid_size).long().clamp_min(0)
     inverse, batch, grid = voxel_clusters(grid, batch)
     feat, coord = segment_mean(feat, inverse, len(batch)), segment_mean(coord, inverse, len(batch))
@@ -168,42 +224,23 @@ class SerializedAttention(nn.Module):
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(channels, channels)
-        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+        self.attn_drop, self.proj_drop = attn_drop, Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, level: PointLevel) -> torch.Tensor:
-        N, C = x.shape
-        K = self.patch_size
+        C = x.shape[1]
         if self.official_padding:
-            return self._official(x, level)
-        order = level.order
-        b_sorted = level.batch[order]
-        starts = torch.cumsum(level.counts, 0) - level.counts
-        padded = torch.div(level.counts + K - 1, K, rounding_mode="floor") * K
-        pad_starts = torch.cumsum(padded, 0) - padded
-        pos = pad_starts[b_sorted] + torch.arange(N, device=x.device) - starts[b_sorted]
-        total = int(padded.sum())
-        buf = x.new_zeros(total, 3 * C)
-        buf[pos] = self.qkv(x)[order]
-        valid = torch.zeros(total, dtype=torch.bool, device=x.device)
-        valid[pos] = True
-        P = total // K
+            # serialized order groups the points by observation (batch index in the curve code's high bits)
+            K = min(self.patch_size, int(level.counts.min()))
+        else:
+            K = self.patch_size
+        src, valid, slot = level.patch_layout(K, self.official_padding)
+        buf = self.qkv(x)[src]  # (T, 3C) in patch order
+        P = buf.shape[0] // K
         q, k, v = buf.view(P, K, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid.view(P, 1, 1, K),
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if valid is None else valid.view(P, 1, 1, K),
                                              dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(total, C)[pos][level.inverse]
-        return self.proj_drop(self.proj(out))
-
-    def _official(self, x: torch.Tensor, level: PointLevel) -> torch.Tensor:
-        C = x.shape[1]
-        K = min(self.patch_size, int(level.counts.min()))
-        # serialized order groups the points by observation (batch index in the curve code's high bits)
-        idx, pos = reuse_padding(level.counts, K)
-        qkv = self.qkv(x)[level.order][idx]
-        q, k, v = qkv.view(-1, K, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(-1, C)[pos][level.inverse]
+        out = out.transpose(1, 2).reshape(-1, C)[slot]
         return self.proj_drop(self.proj(out))
 
 
@@ -279,7 +316,8 @@ class SerializedUnpooling(nn.Module):
 
     def forward(self, coarse: PointLevel, skip: PointLevel) -> PointLevel:
         skip_feat = self.proj_skip(skip.feat)
-        level = skip.with_feat(skip_feat + self.proj(coarse.feat)[coarse.parent])
+        # index_select: its gradient sums the children of a parent in a fixed order (see sparse_conv.lookup)
+        level = skip.with_feat(skip_feat + self.proj(coarse.feat).index_select(0, coarse.parent))
         if self.stale_cpe:
             level.cpe_feat = skip_feat
         return level

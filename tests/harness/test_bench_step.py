@@ -202,3 +202,21 @@ def test_runner_builds_the_policy_with_the_datasets_facts(tmp_path, synth):
     assert runner.policy.bounds_min.tolist() == pytest.approx(lo) and runner.policy.bounds_max.tolist() == \
         pytest.approx(hi)
     assert runner.kind == "keysteps" and runner.batches[0]["images"].shape[:2] == (2, 2)
+
+
+def test_ab_step_times_a_committed_baseline_against_the_working_tree_in_one_process(tmp_path):
+    """``python -m harness.bench.ab_step``: the baseline package is extracted from git under another name,
+    the two models hold the same weights, and their outputs and step times come side by side."""
+    import sys
+
+    from harness.bench import ab_step
+
+    out = ab_step.extract_baseline("HEAD", tmp_path)
+    text = (out / "policy.py").read_text()
+    assert "from minidiffuser" not in text and f"from {ab_step.BASELINE}." in text
+    res = ab_step.run(rev="HEAD", preset="tiny", B=2, Ms=(1, 2), steps=2, warmup=0, threads=None)
+    assert f"{ab_step.BASELINE}.policy" in sys.modules and not any(ab_step.BASELINE in p for p in sys.path)
+    assert set(res["median_s"]) == {"old", "new"} and set(res["median_s"]["new"]) == {"1", "2"}
+    assert all(len(t) == 2 for arm in res["times_s"].values() for t in arm.values())
+    assert res["new_over_old"]["2"] == pytest.approx(res["median_s"]["new"]["2"] / res["median_s"]["old"]["2"])
+    assert res["max_difference"]["eps_hat"] < 1e-4  # a speed-up must not change the outputs

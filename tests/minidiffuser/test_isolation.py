@@ -20,6 +20,7 @@ VARIANTS = {
     "joint-head": {"head": "joint"},
     "no-rope-no-local": {"rope3d": False, "local_query": False},
     "transformer": {"backbone": "transformer", "local_query": False},
+    "keypose-bounds": {"position_norm": "keypose_bounds", "schedule": {"schedule": "squaredcos_cap_v2"}},
 }
 MODES = ["eval", "train"]
 NO_DROPOUT = {"attn_drop": 0.0, "proj_drop": 0.0, "head_dropout": 0.0}

@@ -1,6 +1,7 @@
 """``official_quirks`` behaviours of the released code, each pinned on a small hand-made input (issue
-"Official parity"): RoPE applied to q BEFORE its LayerNorm (keys unrotated), and the local-query voxel
-index truncated toward zero instead of floored. The fixed model (default) keeps the other order / floor."""
+"Official parity"): RoPE applied to q BEFORE its LayerNorm (keys unrotated), the local-query voxel index
+truncated toward zero instead of floored, the U-Net grid anchored at the batch-wide minimum. The fixed model
+(default) keeps the other order / floor / per-observation origins."""
 
 from __future__ import annotations
 
@@ -150,3 +151,90 @@ def test_official_decoder_cpe_convolves_the_skip_branch_only():
     a, b = coarse.feat, coarse.feat + 1.0
     torch.testing.assert_close(cpe_term(True, a), cpe_term(True, b))       # official: coarse branch unseen
     assert (cpe_term(False, a) - cpe_term(False, b)).abs().max() > 1e-4     # fixed: the CPE sees the sum
+
+
+# ------------------------------------------------------------------ U-Net grid origin (Level-1 leak)
+
+def _two_clouds(low_neighbour: bool):
+    """Observation 0: three points whose first two share a 1 cm voxel from its own minimum (0, 0, 0).
+    Observation 1 lies far away, or (``low_neighbour``) reaches below observation 0 by 5 mm in x, 2.31 cm in
+    y and 1.2 cm in z, which moves observation 0's points across voxel borders on a batch-wide grid."""
+    obs0 = torch.tensor([[0.000, 0.000, 0.000], [0.009, 0.004, 0.003], [0.033, 0.000, 0.000]])
+    obs1 = (torch.tensor([[-0.005, -0.0231, -0.012], [0.120, 0.050, 0.020]]) if low_neighbour
+            else torch.tensor([[0.100, 0.020, 0.010], [0.120, 0.050, 0.020]]))
+    coord = torch.cat([obs0, obs1])
+    feat = torch.arange(5 * 2, dtype=torch.float32).view(5, 2)
+    return feat, coord, torch.tensor([0, 0, 0, 1, 1])
+
+
+def _obs0(level):
+    own = level.batch == 0
+    return level.grid[own].tolist(), level.feat[own], level.origin[0]
+
+
+def test_official_grid_origin_is_the_batch_wide_minimum():
+    """official_quirks: Pointcept's ``grid_coord = (coord - coord.min(0)) / grid_size`` over the whole
+    batch, so observation 0's voxel indices, merged voxels and features depend on observation 1."""
+    from minidiffuser.points.unet import make_level
+
+    far = make_level(*_two_clouds(False), 2, 0.01, batch_origin=True)
+    low = make_level(*_two_clouds(True), 2, 0.01, batch_origin=True)
+    # the exact origin: the batch-wide minimum, the same row for every observation
+    torch.testing.assert_close(far.origin, torch.zeros(2, 3))
+    torch.testing.assert_close(low.origin, torch.tensor([[-0.005, -0.0231, -0.012]] * 2))
+    grid_far, feat_far, _ = _obs0(far)
+    grid_low, feat_low, _ = _obs0(low)
+    assert grid_far == [[0, 0, 0], [3, 0, 0]]  # points 0 and 1 share voxel (0, 0, 0): merged
+    torch.testing.assert_close(feat_far, torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
+    # with the low neighbour: x 0.5 / 1.4 / 3.8 cm, y 2.31 / 2.71 / 2.31 cm, z 1.2 / 1.5 / 1.2 cm -> 3 voxels
+    assert grid_low == [[0, 2, 1], [1, 2, 1], [3, 2, 1]]
+    torch.testing.assert_close(feat_low, torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]))
+
+
+def test_fixed_grid_origin_is_each_observations_own_minimum():
+    from minidiffuser.points.unet import make_level
+
+    far = make_level(*_two_clouds(False), 2, 0.01)
+    low = make_level(*_two_clouds(True), 2, 0.01)
+    for level in (far, low):
+        grid, feat, origin = _obs0(level)
+        assert grid == [[0, 0, 0], [3, 0, 0]]
+        torch.testing.assert_close(feat, torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
+        torch.testing.assert_close(origin, torch.zeros(3))
+    torch.testing.assert_close(low.origin[1], torch.tensor([-0.005, -0.0231, -0.012]))
+
+
+def test_policy_grid_origin_leaks_across_observations_only_with_quirks():
+    """End to end (tiny preset, eval mode): moving observation 1 below observation 0 by a fraction of a voxel
+    changes observation 0's finest grid and features with official_quirks, and nothing of it without."""
+    from harness.bench.synthetic import synthetic_batch
+    from harness.policy import build_policy
+
+    batch = synthetic_batch(B=2, N=256, full=True)
+    moved = {k: v.clone() for k, v in batch.items()}
+    moved["points"][1] -= torch.tensor([0.0537, 0.0461, 0.0173])  # now observation 1 holds the batch minimum
+    for quirks in (True, False):
+        torch.manual_seed(0)
+        policy = build_policy("minidiffuser", preset="tiny", official_quirks=quirks).eval()
+        conds = []
+        for b in (batch, moved):
+            torch.manual_seed(5)  # same serialization orders
+            with torch.no_grad():
+                conds.append(policy.encode(b))
+        finest = [c.levels[-1] for c in conds]
+        grids = [lv.grid[lv.batch == 0] for lv in finest]
+        feats = [lv.feat[0][lv.mask[0]] for lv in finest]
+        if quirks:
+            low = moved["points"][1].amin(0)  # below every point of observation 0
+            assert (low < batch["points"][0].amin(0)).all()
+            for lv in conds[1].levels:  # every level's origin: the batch-wide minimum, both rows
+                torch.testing.assert_close(lv.origin, low.expand(2, 3))
+            assert grids[0].shape != grids[1].shape or not torch.equal(grids[0], grids[1])
+            assert feats[0].shape != feats[1].shape or (feats[0] - feats[1]).abs().max() > 1e-2
+        else:
+            assert torch.equal(grids[0], grids[1])
+            # equal up to rounding: the sparse convolutions batch their kernel offsets in groups chosen from
+            # the whole batch's pair counts, so observation 1's new voxel structure may reorder the sums of
+            # observation 0's outputs (the exact Level-1 isolation tests keep every shape the same)
+            torch.testing.assert_close(feats[0], feats[1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(conds[1].levels[-1].origin[0], batch["points"][0].amin(0))

@@ -247,3 +247,109 @@ def test_lookup_matches_a_python_dictionary():
         lookup(query, qbatch, grid, batch, feat[:-1])
     with pytest.raises(ValueError, match="query_batch"):
         lookup(query, qbatch[:-1], grid, batch, feat)
+
+
+# ------------------------------------------------------------------ grouped execution (one plan per map)
+
+
+def _per_offset_reference(feat, weight, bias, nmap):
+    """The plain definition: out = bias + sum over offsets o of (pairs of o) feat[in] @ W[o], one offset at
+    a time (the implementation before the grouped plan)."""
+    out = feat @ weight[nmap.center]
+    for o in range(nmap.kernel_volume):
+        i, j = nmap.pairs(o)
+        if o != nmap.center and len(i):
+            out = out.index_add(0, j, feat[i] @ weight[o])
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+@pytest.mark.parametrize("path", ["cpu-csr", "autograd"])
+def test_grouped_convolution_equals_the_per_offset_sum(duplicates, path):
+    from minidiffuser.points.sparse_conv import _grouped_conv, _SubMConvFunction
+
+    grid, batch, _ = random_sites(seed=3, n_batch=3, density=0.35)
+    if duplicates:  # repeat a few sites: their neighbours read the first copy, their own output is their own
+        grid, batch = torch.cat([grid, grid[:5]]), torch.cat([batch, batch[:5]])
+    nmap = build_neighbor_map(grid, batch, 3, allow_duplicates=duplicates)
+    assert 1 <= len(nmap.plan().groups) <= 2
+    g = torch.Generator().manual_seed(4)
+    feat = torch.randn(len(grid), 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(27, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = _SubMConvFunction.apply if path == "cpu-csr" else _grouped_conv
+    conv = lambda f, w, b, m: fn(f, w, b, m.center, m.plan())
+    out, ref = conv(feat, weight, bias, nmap), _per_offset_reference(feat, weight, bias, nmap)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (feat, weight, bias), grad_out),
+                    torch.autograd.grad(ref, (feat, weight, bias), grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("big", [True, False])
+def test_convolution_is_deterministic_and_rows_isolated_with_two_threads(big):
+    """Bit for bit: the same inputs give the same outputs and gradients, and changing another batch item's
+    features changes nothing of this item's (the gather/scatter are CSR products, never a parallel
+    accumulating scatter whose order depends on the threads)."""
+    from minidiffuser.points.sparse_conv import CSR_MIN_ELEMENTS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grid, batch, _ = random_sites(seed=5, n_batch=2, density=0.5 if big else 0.1)
+        order = torch.argsort(batch, stable=True)
+        grid, batch = grid[order], batch[order]
+        nmap = build_neighbor_map(grid, batch, 3)
+        conv = SubMConv3d(16, 16, 3)
+        assert (nmap.plan().num_rows * 16 >= CSR_MIN_ELEMENTS) == big  # the CSR path, or the small levels' one
+        g = torch.Generator().manual_seed(6)
+        feat = torch.randn(len(grid), 16, generator=g)
+        other = feat.clone()
+        other[batch == 1] += torch.randn(int((batch == 1).sum()), 16, generator=g)
+        grad_out = torch.randn(len(grid), 16, generator=g)
+
+        def run(f):
+            f = f.clone().requires_grad_(True)
+            out = conv(f, nmap)
+            return out.detach(), *torch.autograd.grad(out, (f, conv.weight), grad_out)
+
+        first = run(feat)
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(first, run(feat)))
+        moved = run(other)
+        own = batch == 0
+        assert torch.equal(first[0][own], moved[0][own]) and torch.equal(first[1][own], moved[1][own])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_offset_groups_minimise_padded_rows():
+    from itertools import combinations, pairwise
+
+    from minidiffuser.points.sparse_conv import split_sorted_counts
+
+    counts = [90, 88, 60, 59, 58, 20, 12, 11, 3]
+    for max_groups in (1, 2, 3):
+        for cost in (0, 30, 1000):
+            runs = split_sorted_counts(counts, max_groups, cost)
+            assert runs[0][0] == 0 and runs[-1][1] == len(counts) and len(runs) <= max_groups
+            assert all(a[1] == b[0] for a, b in pairwise(runs))
+            got = sum((j - i) * counts[i] + cost for i, j in runs)
+            best = min(sum((j - i) * counts[i] + cost for i, j in zip((0, *cuts), (*cuts, len(counts))))
+                       for g in range(max_groups) for cuts in combinations(range(1, len(counts)), g))
+            assert got == best
+    assert split_sorted_counts([], 2, 0) == []
+
+
+def test_plan_is_built_once_per_map():
+    grid, batch, _ = random_sites(seed=7)
+    nmap = build_neighbor_map(grid, batch, 3)
+    plan = nmap.plan()
+    assert nmap.plan() is plan
+    assert plan.matrices(torch.float32) is plan.matrices(torch.float32)
+    # every pair appears exactly once among the groups' rows; padding rows are marked -1 in both arrays
+    real = plan.gather >= 0
+    assert torch.equal(real, plan.scatter >= 0)
+    assert int(real.sum()) == len(nmap.in_idx) - nmap.num_sites
+    assert sum(b - a for a, b in (g.rows for g in plan.groups)) == plan.num_rows

@@ -8,8 +8,8 @@ import pytest
 
 from harness.report.collect import Run
 from harness.report.success_curves import (
-    first_reached,
     fig4_success,
+    first_reached,
     success_families,
     success_rows,
     time_to_success_table,
